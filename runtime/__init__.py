@@ -1,0 +1,3 @@
+"""hone runtime: the served agent (engine, graph, HTTP API, trajectory log, CLI)."""
+
+__version__ = "0.1.0"

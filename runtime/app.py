@@ -1,0 +1,137 @@
+"""The FastAPI application and its lifespan: wire config -> store/log -> engine -> agent service.
+
+Start-up order matters: crashed runs are marked `interrupted` before any new run is logged, and the
+HTTP server answers (503 on runs, `/healthz` says "starting") while vLLM is still loading.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+from . import __version__
+from .agent import VLLMChat
+from .api import router
+from .config import Settings
+from .engine import Engine, ExternalEngine, ManagedEngine
+from .errors import error_response, install_error_handlers
+from .logwriter import TrajectoryLog
+from .model import ensure_model
+from .service import AgentService
+from .store import TrajectoryStore
+from .toolbox import ToolBox
+
+log = logging.getLogger("hone")
+
+
+@dataclass
+class Hone:
+    """Everything a request handler needs, hung on `app.state.hone`."""
+
+    settings: Settings
+    store: TrajectoryStore
+    log: TrajectoryLog
+    engine: Engine
+    service: AgentService
+
+
+def build_engine(settings: Settings, on_ready) -> Engine:
+    if settings.vllm_url:
+        return ExternalEngine(settings.vllm_url, on_ready=on_ready)
+    model_dir = ensure_model(settings)
+    return ManagedEngine(settings, model_dir, on_ready=on_ready)
+
+
+def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
+    """`engine` may be passed in (tests, benchmarks); by default it is built from the settings."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.ensure_dirs()
+        store = TrajectoryStore(settings.db_path)
+        interrupted = store.recover_interrupted()
+        if interrupted:
+            log.warning("marked %d runs cut off by an earlier crash as interrupted", interrupted)
+        trajectory_log = TrajectoryLog(store)
+
+        async def restore_active_adapter() -> None:
+            # Runtime-loaded adapters die with the engine process: load the active one again.
+            name, path = store.get_active_adapter()
+            if name and path and name not in await eng.served_models():
+                await eng.load_adapter(name, path)
+
+        eng = engine if engine is not None else build_engine(settings, restore_active_adapter)
+        if engine is not None and eng._on_ready is None:
+            eng._on_ready = restore_active_adapter
+        llm = VLLMChat(
+            base_url=eng.openai_base_url, api_key="unused", model=settings.served_model_name,
+            timeout=settings.request_timeout_s, max_retries=0,
+        ).bind(tools=ToolBox.specs, tool_choice="auto")
+        async with AsyncSqliteSaver.from_conn_string(str(settings.checkpoints_path)) as checkpointer:
+            await checkpointer.setup()
+            service = AgentService(settings, eng, trajectory_log, ToolBox.from_settings(settings), checkpointer,
+                                   llm, store.get_active_adapter)
+            app.state.hone = Hone(settings, store, trajectory_log, eng, service)
+            await eng.start()
+            try:
+                yield
+            finally:
+                await eng.stop()
+                await trajectory_log.aclose()
+
+    app = FastAPI(title="hone", version=__version__, lifespan=lifespan,
+                  description="A tool-calling agent that learns from its own traffic.")
+    install_error_handlers(app)
+    app.include_router(router)
+    return BodyLimit(app, settings.max_body_bytes)
+
+
+class BodyLimit:
+    """413 for bodies over the limit, whether announced by Content-Length or streamed chunked."""
+
+    def __init__(self, app: FastAPI, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.state = app.state  # tests reach app.state.hone through the wrapper
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._reject(scope, receive, send)
+        # Bodies are small (<= limit), so buffer then replay: raising mid-stream would reach
+        # Starlette's error middleware as a 500 instead of a clean 413.
+        chunks: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.limit:
+                return await self._reject(scope, receive, send)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
+        resp = error_response(413, f"request body larger than max_body_bytes={self.limit}", "request_too_large")
+        await resp(scope, receive, send)

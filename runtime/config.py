@@ -1,0 +1,212 @@
+"""One configuration object for the whole product.
+
+Precedence: environment variable ``HONE_<FIELD>`` > TOML file > default.
+The TOML file is ``$HONE_CONFIG`` if set, else ``$HONE_HOME/hone.toml`` if it exists.
+Everything stateful lives under ``home`` (``$HONE_HOME``, default ``~/.hone``).
+
+Every field, its default and its meaning is listed in docs/configuration.md; keep the two in step
+(tests/test_config.py checks that every field is documented).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL_DIRNAME = "smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A setting could not be read. The message names the setting and where it came from."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = field(default_factory=lambda: Path.home() / ".hone")
+
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_tokens: dict[str, str] = field(default_factory=dict)  # caller name -> bearer token
+    admin_token: str | None = None
+    max_body_bytes: int = 1_000_000
+    request_timeout_s: float = 300.0
+
+    # Model and engine
+    model: Path | None = None  # HF model dir; None = the embedded SmolLM2, prepared under home
+    served_model_name: str = "hone-base"
+    vllm_url: str | None = None  # use an external vLLM instead of starting one
+    vllm_port: int = 0  # 0 = pick a free port on 127.0.0.1
+    vllm_dtype: str = "bfloat16"
+    vllm_kv_cache_gb: int = 2
+    vllm_max_model_len: int = 4096
+    vllm_max_lora_rank: int = 16
+    vllm_max_loras: int = 2
+    vllm_extra_args: str = ""
+    vllm_startup_timeout_s: float = 600.0
+
+    # Agent
+    max_steps: int = 6
+    max_tokens: int = 256
+    temperature: float = 0.0
+
+    # Tools
+    python_cpu_s: float = 5.0
+    python_wall_s: float = 10.0
+    python_memory_mb: int = 512
+    python_output_bytes: int = 16_384
+    storage_max_key_chars: int = 256
+    storage_max_value_bytes: int = 65_536
+    storage_max_keys: int = 1_000
+
+    log_level: str = "info"
+
+    # ---- derived locations (not settings) ----
+    @property
+    def db_path(self) -> Path:
+        return self.home / "hone.db"
+
+    @property
+    def checkpoints_path(self) -> Path:
+        return self.home / "checkpoints.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        """Caches, sockets and temp files of the engine: vLLM would otherwise use ~/.cache and /tmp."""
+        return self.home / "run"
+
+    @property
+    def model_path(self) -> Path:
+        return self.model if self.model is not None else self.models_dir / DEFAULT_MODEL_DIRNAME
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_tokens) or self.admin_token is not None
+
+    def ensure_dirs(self) -> None:
+        for d in (self.home, self.models_dir, self.adapters_dir, self.logs_dir, self.run_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def replace(self, **changes: typing.Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load(cls, env: typing.Mapping[str, str] | None = None, **overrides: typing.Any) -> Settings:
+        """Read settings from the environment and the TOML file; ``overrides`` win over both."""
+        env = os.environ if env is None else env
+        home = Path(env.get("HONE_HOME") or overrides.get("home") or Path.home() / ".hone").expanduser()
+        raw: dict[str, tuple[typing.Any, str]] = {}
+        toml_path = Path(env["HONE_CONFIG"]).expanduser() if env.get("HONE_CONFIG") else home / "hone.toml"
+        if env.get("HONE_CONFIG") and not toml_path.is_file():
+            raise ConfigError(f"HONE_CONFIG points to {toml_path}, which is not a file")
+        if toml_path.is_file():
+            try:
+                data = tomllib.loads(toml_path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{toml_path}: invalid TOML: {e}") from None
+            data = data.get("hone", data)  # allow either a [hone] table or top-level keys
+            for k, v in data.items():
+                raw[k] = (v, f"{toml_path} key {k!r}")
+        for f in dataclasses.fields(cls):
+            name = "HONE_" + f.name.upper()
+            if name in env and f.name != "home":
+                raw[f.name] = (env[name], f"environment variable {name}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            src = raw[unknown[0]][1]
+            raise ConfigError(f"unknown setting {unknown[0]!r} ({src}); known settings: {', '.join(sorted(known))}")
+        hints = typing.get_type_hints(cls)
+        values: dict[str, typing.Any] = {"home": home}
+        for name, (value, src) in raw.items():
+            values[name] = _coerce(hints[name], value, name, src)
+        values.update(overrides)
+        values["home"] = Path(values["home"]).expanduser()
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+        for name in (
+            "port", "max_body_bytes", "request_timeout_s", "vllm_kv_cache_gb",
+            "vllm_max_model_len", "vllm_max_lora_rank", "vllm_max_loras", "vllm_startup_timeout_s",
+            "max_steps", "max_tokens", "python_cpu_s", "python_wall_s", "python_memory_mb",
+            "python_output_bytes", "storage_max_key_chars", "storage_max_value_bytes", "storage_max_keys",
+        ):
+            positive(name)
+        if not 0 <= self.vllm_port < 65536:
+            raise ConfigError(f"vllm_port must be in [0, 65535], got {self.vllm_port}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ConfigError(f"temperature must be in [0, 2], got {self.temperature}")
+        tokens = list(self.api_tokens.values()) + ([self.admin_token] if self.admin_token else [])
+        if len(tokens) != len(set(tokens)):
+            raise ConfigError("api_tokens and admin_token must all be different")
+        if any(len(t) < 8 for t in tokens):
+            raise ConfigError("every token must be at least 8 characters")
+
+
+def _coerce(hint: typing.Any, value: typing.Any, name: str, src: str) -> typing.Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+        inner = [a for a in args if a is not type(None)][0]
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            return None
+        return _coerce(inner, value, name, src)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true/false, got {value!r}")
+        if hint in (int, float):
+            if isinstance(value, bool):
+                raise ValueError(f"expected a number, got {value!r}")
+            return hint(value)
+        if hint is Path:
+            return Path(str(value)).expanduser()
+        if hint is str:
+            if not isinstance(value, (str, int, float)):
+                raise ValueError(f"expected a string, got {value!r}")
+            return str(value)
+        if origin is dict:
+            if isinstance(value, dict):
+                return {str(k): str(v) for k, v in value.items()}
+            # "alice:token1,bob:token2"
+            out: dict[str, str] = {}
+            for part in str(value).split(","):
+                part = part.strip()
+                if not part:
+                    continue
+                caller, sep, token = part.partition(":")
+                if not sep or not caller.strip() or not token.strip():
+                    raise ValueError("expected name:token pairs separated by commas")
+                out[caller.strip()] = token.strip()
+            return out
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} ({src}): {e}") from None
+    raise ConfigError(f"{name} ({src}): unsupported type {hint}")

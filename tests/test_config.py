@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from runtime.config import ConfigError, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_and_home(tmp_path: Path) -> None:
+    s = Settings.load(env={"HONE_HOME": str(tmp_path)})
+    assert s.home == tmp_path and s.db_path == tmp_path / "hone.db"
+    assert s.model_path == tmp_path / "models" / "smollm2-135m-instruct"
+    assert not s.auth_enabled and s.host == "127.0.0.1"
+
+
+def test_env_beats_toml_and_types_are_coerced(tmp_path: Path) -> None:
+    (tmp_path / "hone.toml").write_text('[hone]\nport = 9000\nmax_steps = 4\ntemperature = 0.5\n')
+    s = Settings.load(env={"HONE_HOME": str(tmp_path), "HONE_PORT": "9100",
+                           "HONE_API_TOKENS": "alice:tok-alice-1, bob:tok-bob-22"})
+    assert s.port == 9100 and s.max_steps == 4 and s.temperature == 0.5
+    assert s.api_tokens == {"alice": "tok-alice-1", "bob": "tok-bob-22"} and s.auth_enabled
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"HONE_PORT": "eighty"}, "HONE_PORT"),
+    ({"HONE_MAX_STEPS": "0"}, "max_steps"),
+    ({"HONE_API_TOKENS": "justatoken"}, "name:token"),
+    ({"HONE_API_TOKENS": "a:short"}, "at least 8"),
+    ({"HONE_TEMPERATURE": "7"}, "temperature"),
+    ({"HONE_CONFIG": "/nonexistent/hone.toml"}, "not a file"),
+])
+def test_bad_settings_name_the_setting(tmp_path: Path, env: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        Settings.load(env={"HONE_HOME": str(tmp_path), **env})
+
+
+def test_unknown_toml_key_and_bad_toml(tmp_path: Path) -> None:
+    (tmp_path / "hone.toml").write_text("max_stepz = 3\n")
+    with pytest.raises(ConfigError, match="unknown setting 'max_stepz'"):
+        Settings.load(env={"HONE_HOME": str(tmp_path)})
+    (tmp_path / "hone.toml").write_text("port = \n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        Settings.load(env={"HONE_HOME": str(tmp_path)})
+
+
+def test_every_setting_is_documented() -> None:
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    missing = [f.name for f in dataclasses.fields(Settings) if f"`{f.name}`" not in doc]
+    assert missing == []

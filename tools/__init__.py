@@ -1,0 +1,1 @@
+"""The agent's tools: calculator, storage and python. Each is usable without the runtime."""
