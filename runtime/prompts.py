@@ -21,19 +21,23 @@ SYSTEM_PROMPT = (
 # (user question, tool name, tool arguments, tool result, final answer): one per operator, as
 # measured in ../shared/notes/feasibility.md, plus one storage and one python example.
 _EXAMPLES: list[tuple[str, str, dict, str, str]] = [
-    ("Tom has 12 apples and buys 5 more. How many apples does he have now?",
-     "calculator", {"expression": "12 + 5"}, "17", "The answer is 17."),
+    # A 135M model copies the most recent example, so the rarer tools come first and the
+    # arithmetic that most traffic needs comes last.
+    ("What is the sum of the squares of the numbers from 1 to 10?",
+     "python", {"code": "print(sum(i * i for i in range(1, 11)))"}, "385", "The answer is 385."),
+    ("What is my bike lock number?",
+     "storage", {"action": "get", "key": "bike lock", "value": ""}, "7301", "Your bike lock number is 7301."),
+    ("Remember that my locker code is 4512.",
+     "storage", {"action": "put", "key": "locker code", "value": "4512"}, "stored 'locker code' (4 bytes)",
+     "I saved your locker code."),
+    ("28 beads are shared equally among 7 necklaces. How many beads are on each necklace?",
+     "calculator", {"expression": "28 / 7"}, "4", "The answer is 4."),
     ("Sara had 50 dollars and spent 18. How much money does she have left?",
      "calculator", {"expression": "50 - 18"}, "32", "The answer is 32."),
     ("There are 6 boxes with 8 pencils in each box. How many pencils are there?",
      "calculator", {"expression": "6 * 8"}, "48", "The answer is 48."),
-    ("28 beads are shared equally among 7 necklaces. How many beads are on each necklace?",
-     "calculator", {"expression": "28 / 7"}, "4", "The answer is 4."),
-    ("Remember that my locker code is 4512.",
-     "storage", {"action": "put", "key": "locker code", "value": "4512"}, "saved 'locker code'",
-     "I saved your locker code."),
-    ("What is the sum of the squares of the numbers from 1 to 10?",
-     "python", {"code": "print(sum(i * i for i in range(1, 11)))"}, "385", "The answer is 385."),
+    ("Tom has 12 apples and buys 5 more. How many apples does he have now?",
+     "calculator", {"expression": "12 + 5"}, "17", "The answer is 17."),
 ]
 
 
