@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -22,6 +21,7 @@ from .errors import ApiError
 from .messages import MessageFormatError, from_openai
 from .service import RunFailed, RunRequest, RunResult
 from .store import NotFound
+from .timeutil import parse_time
 
 router = APIRouter()
 
@@ -182,16 +182,10 @@ async def feedback(trajectory_id: str, body: FeedbackBody, request: Request) -> 
 
 
 def _time(value: str | None, name: str) -> float | None:
-    if value is None:
-        return None
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise ApiError(422, f"{name}: expected unix seconds or an ISO-8601 time, got {value!r}") from None
+        return parse_time(value, name)
+    except ValueError as e:
+        raise ApiError(422, str(e)) from None
 
 
 @router.get("/v1/trajectories")

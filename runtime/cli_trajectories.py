@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
 from typing import Any
 
 import click
 
 from .config import ConfigError, Settings
+from .timeutil import format_time, parse_time
 
 
 def _store():
@@ -26,21 +26,11 @@ def _store():
     return TrajectoryStore(settings.db_path)
 
 
-def format_time(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
-
-
-def parse_time(value: str | None, name: str) -> float | None:
-    if value is None:
-        return None
+def _time(value: str | None, name: str) -> float | None:
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise click.BadParameter(f"expected unix seconds or ISO-8601, got {value!r}", param_hint=name) from None
+        return parse_time(value, name)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=name) from None
 
 
 def _filters(f):
@@ -60,8 +50,8 @@ def _filters(f):
 
 def _filter_kwargs(kw: dict[str, Any]) -> dict[str, Any]:
     kw = dict(kw)
-    kw["since"] = parse_time(kw.get("since"), "--since")
-    kw["until"] = parse_time(kw.get("until"), "--until")
+    kw["since"] = _time(kw.get("since"), "--since")
+    kw["until"] = _time(kw.get("until"), "--until")
     return kw
 
 
