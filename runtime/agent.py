@@ -81,6 +81,7 @@ class RunContext:
     examples: bool = True
     base_model: str = "hone-base"
     ensure_adapter: Callable[[str], Awaitable[bool]] | None = None  # load a missing adapter; False = failed
+    fallback_to_base: bool = True  # False when the request named the adapter itself
     # filled in during the run
     steps: dict[str, StepRecord] = field(default_factory=dict)
     tools: dict[str, ToolRecord] = field(default_factory=dict)
@@ -115,6 +116,8 @@ async def agent_node(state: AgentState, runtime: Runtime[RunContext]) -> dict:
         # The pointer names an adapter the engine lacks (set by another process, or lost in an engine
         # restart): load it and retry; if it cannot be loaded, serve this step with the base model.
         if not await ctx.ensure_adapter(adapter):
+            if not ctx.fallback_to_base:  # a run that asked for this adapter must not get another
+                raise EngineRequestError(f"adapter {adapter!r} is not loaded and could not be loaded") from e
             model, adapter = ctx.base_model, None
         try:
             ai = await _call_model(ctx, ctx.prefix + conversation, model, extra)

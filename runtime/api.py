@@ -87,10 +87,11 @@ async def _run(request: Request, caller: Caller, messages: list[dict[str, Any]],
                temperature: float | None = None, max_steps: int | None = None) -> RunResult:
     if adapter is not None:
         require_admin(caller)
-    try:
-        json.dumps(metadata)
-    except (TypeError, ValueError):
-        raise ApiError(422, "metadata must be JSON-serializable") from None
+    try:  # what the log will store: strict JSON (no NaN), valid UTF-8 (no lone surrogates)
+        json.dumps(body, allow_nan=False, ensure_ascii=False).encode()
+        json.dumps(metadata, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError) as e:
+        raise ApiError(422, f"request is not storable JSON: {e}") from None
     try:
         parsed = from_openai(messages)
     except MessageFormatError as e:
@@ -172,8 +173,8 @@ async def feedback(trajectory_id: str, body: FeedbackBody, request: Request) -> 
     traj = await hone.log.get(trajectory_id)
     if traj is None:
         raise ApiError(404, f"no trajectory {trajectory_id!r}", "not_found")
-    if not caller.admin and traj["caller"] != caller.name:
-        raise ApiError(403, "you can only give feedback on your own runs", "forbidden")
+    if not caller.admin and traj["caller"] != caller.name:  # 404, not 403: ids of others stay unknowable
+        raise ApiError(404, f"no trajectory {trajectory_id!r}", "not_found")
     try:
         return await hone.log.add_feedback(trajectory_id, score=body.numeric(), comment=body.comment,
                                            caller=caller.name)

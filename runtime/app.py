@@ -62,9 +62,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
 
         async def restore_active_adapter() -> None:
             # Runtime-loaded adapters die with the engine process: load the active one again.
+            # A broken adapter must not keep the engine "unready" forever: serve, and let each run
+            # fall back to the base model (AgentService.ensure_adapter) while the error is logged.
             name, path = store.get_active_adapter()
-            if name and path and name not in await eng.served_models():
-                await eng.load_adapter(name, path)
+            try:
+                if name and path and name not in await eng.served_models():
+                    await eng.load_adapter(name, path)
+            except Exception as e:
+                log.error("could not restore active adapter %r from %s: %s", name, path, e)
 
         eng = engine if engine is not None else build_engine(settings, restore_active_adapter)
         if engine is not None and eng._on_ready is None:
@@ -78,12 +83,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
             service = AgentService(settings, eng, trajectory_log, ToolBox.from_settings(settings), checkpointer,
                                    llm, store.get_active_adapter)
             app.state.hone = Hone(settings, store, trajectory_log, eng, service)
-            await eng.start()
             try:
+                await eng.start()
                 yield
             finally:
                 await eng.stop()
                 await trajectory_log.aclose()
+                store.close()
 
     app = FastAPI(title="hone", version=__version__, lifespan=lifespan,
                   description="A tool-calling agent that learns from its own traffic.")

@@ -33,12 +33,17 @@ def authenticate(settings: Settings, request: Request) -> Caller:
         raise ApiError(401, "missing bearer token: send 'Authorization: Bearer <token>'", "unauthorized",
                        headers={"WWW-Authenticate": "Bearer"})
     token = token.strip()
-    if settings.admin_token and hmac.compare_digest(token, settings.admin_token):
+    if settings.admin_token and _same(token, settings.admin_token):
         return Caller(ADMIN_CALLER, admin=True)
     for name, expected in settings.api_tokens.items():
-        if hmac.compare_digest(token, expected):
+        if _same(token, expected):
             return Caller(name, admin=False)
     raise ApiError(401, "invalid bearer token", "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _same(given: str, expected: str) -> bool:
+    # bytes, because compare_digest refuses non-ASCII str (a 500 for any odd header otherwise)
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())
 
 
 def require_admin(caller: Caller) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import sys
 from typing import Any
 
@@ -13,6 +14,7 @@ from .timeutil import format_time, parse_time
 
 
 def _store():
+    from .schema import SchemaError
     from .store import TrajectoryStore
 
     try:
@@ -23,7 +25,11 @@ def _store():
         click.echo(f"hone: no trajectory log at {settings.db_path} yet (serve the agent first, or set HONE_HOME)",
                    err=True)
         sys.exit(1)
-    return TrajectoryStore(settings.db_path)
+    try:
+        return TrajectoryStore(settings.db_path)
+    except (SchemaError, sqlite3.DatabaseError) as e:
+        click.echo(f"hone: cannot read {settings.db_path}: {e}", err=True)
+        sys.exit(1)
 
 
 def _time(value: str | None, name: str) -> float | None:

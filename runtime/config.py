@@ -154,6 +154,13 @@ class Settings:
             "python_output_bytes", "storage_max_key_chars", "storage_max_value_bytes", "storage_max_keys",
         ):
             positive(name)
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"port must be in [1, 65535], got {self.port}")
+        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+            raise ConfigError(f"log_level must be critical, error, warning, info or debug, got {self.log_level!r}")
+        reserved = {"local", "admin", "cli"} & set(self.api_tokens)
+        if reserved:
+            raise ConfigError(f"api_tokens: caller name {sorted(reserved)[0]!r} is reserved; pick another name")
         if not 0 <= self.vllm_port < 65536:
             raise ConfigError(f"vllm_port must be in [0, 65535], got {self.vllm_port}")
         if not 0.0 <= self.temperature <= 2.0:

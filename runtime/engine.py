@@ -222,9 +222,19 @@ class ManagedEngine(Engine):
             log.error(self.last_error)
             backoff = 1.0 if uptime > 120 else min(backoff * 2, 60.0)
             await asyncio.sleep(backoff)
-            if not self._stopping:
-                self.restarts += 1
+            if self._stopping:
+                return
+            # vLLM's engine-core child may outlive the API process: clear the whole group first.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            try:
                 self._spawn()
+                self.restarts += 1
+            except OSError as e:  # e.g. disk full for the log: keep trying rather than give up
+                self.last_error = f"could not restart vLLM: {e}"
+                log.error(self.last_error)
+                await asyncio.sleep(10)
+                continue
 
     async def stop(self) -> None:
         self._stopping = True
@@ -237,8 +247,13 @@ class ManagedEngine(Engine):
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 await asyncio.to_thread(self.proc.wait)
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)  # leftovers of the group, if any
         if self._supervisor is not None:
             self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
         await super().stop()
 
     def log_tail(self, n: int = 40) -> str:

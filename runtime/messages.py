@@ -7,6 +7,8 @@ import json
 import re
 from typing import Any
 
+import pydantic
+
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
 
@@ -17,34 +19,52 @@ class MessageFormatError(ValueError):
 def from_openai(messages: list[dict[str, Any]]) -> list[BaseMessage]:
     out: list[BaseMessage] = []
     for i, m in enumerate(messages):
-        role = m.get("role")
-        content = _text_content(m.get("content"), i)
-        if role == "system" or role == "developer":
-            if out:
-                raise MessageFormatError(f"messages[{i}]: a system message is only allowed first")
-            out.append(SystemMessage(content))
-        elif role == "user":
-            out.append(HumanMessage(content))
-        elif role == "assistant":
-            calls = []
-            for j, tc in enumerate(m.get("tool_calls") or []):
-                fn = tc.get("function") if isinstance(tc, dict) else None
-                if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-                    raise MessageFormatError(f"messages[{i}].tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
-                args = fn.get("arguments") or "{}"
-                try:
-                    args = json.loads(args) if isinstance(args, str) else args
-                except json.JSONDecodeError:
-                    raise MessageFormatError(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON") from None
-                calls.append({"id": tc.get("id") or f"call_{i}_{j}", "name": fn["name"], "args": args, "type": "tool_call"})
-            out.append(AIMessage(content, tool_calls=calls))
-        elif role == "tool":
-            if not m.get("tool_call_id"):
-                raise MessageFormatError(f"messages[{i}]: a tool message needs tool_call_id")
-            out.append(ToolMessage(content, tool_call_id=m["tool_call_id"], name=m.get("name")))
-        else:
-            raise MessageFormatError(f"messages[{i}]: unknown role {role!r} (use system, user, assistant or tool)")
+        try:
+            _append(out, i, m)
+        except (pydantic.ValidationError, TypeError) as e:  # wrong field types inside a message
+            raise MessageFormatError(f"messages[{i}]: {_first_error(e)}") from None
     return out
+
+
+def _first_error(e: Exception) -> str:
+    if isinstance(e, pydantic.ValidationError):
+        err = e.errors()[0]
+        return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    return str(e)
+
+
+def _append(out: list[BaseMessage], i: int, m: Any) -> None:
+    if not isinstance(m, dict):
+        raise MessageFormatError(f"messages[{i}] must be an object")
+    role = m.get("role")
+    content = _text_content(m.get("content"), i)
+    if role == "system" or role == "developer":
+        if out:
+            raise MessageFormatError(f"messages[{i}]: a system message is only allowed first")
+        out.append(SystemMessage(content))
+    elif role == "user":
+        out.append(HumanMessage(content))
+    elif role == "assistant":
+        calls = []
+        for j, tc in enumerate(m.get("tool_calls") or []):
+            fn = tc.get("function") if isinstance(tc, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+                raise MessageFormatError(f"messages[{i}].tool_calls[{j}]: expected {{'function': {{'name', 'arguments'}}}}")
+            args = fn.get("arguments") or "{}"
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError:
+                raise MessageFormatError(f"messages[{i}].tool_calls[{j}].function.arguments is not valid JSON") from None
+            if not isinstance(args, dict):
+                raise MessageFormatError(f"messages[{i}].tool_calls[{j}].function.arguments must be a JSON object")
+            calls.append({"id": tc.get("id") or f"call_{i}_{j}", "name": fn["name"], "args": args, "type": "tool_call"})
+        out.append(AIMessage(content, tool_calls=calls))
+    elif role == "tool":
+        if not m.get("tool_call_id"):
+            raise MessageFormatError(f"messages[{i}]: a tool message needs tool_call_id")
+        out.append(ToolMessage(content, tool_call_id=m["tool_call_id"], name=m.get("name")))
+    else:
+        raise MessageFormatError(f"messages[{i}]: unknown role {role!r} (use system, user, assistant or tool)")
 
 
 def _text_content(content: Any, i: int) -> str:

@@ -9,6 +9,7 @@ A run is logged whatever happens: engine down (engine_error), client gone or ser
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -117,6 +118,7 @@ class AgentService:
             temperature=self.settings.temperature if req.temperature is None else req.temperature,
             max_tokens=self.settings.max_tokens,
             base_model=self.settings.served_model_name, ensure_adapter=self.ensure_adapter,
+            fallback_to_base=req.adapter is None,
         )
         history: list[BaseMessage] = []
         try:
@@ -153,7 +155,14 @@ class AgentService:
             await self._finish(traj_id, ctx, history, req, "interrupted", f"internal error: {e!r}", t0)
             raise RunFailed("internal", f"internal error ({type(e).__name__}); see server log", traj_id) from None
         status = ctx.stop_reason or _tool_status(ctx.trace)
-        return await self._finish(traj_id, ctx, history, req, status, None, t0)
+        try:
+            return await self._finish(traj_id, ctx, history, req, status, None, t0)
+        except Exception as e:  # never leave the row 'running': record at least that it failed
+            log.exception("logging run %s failed", traj_id)
+            with contextlib.suppress(Exception):
+                await self.log.finish(traj_id, status="interrupted", messages=[], error=f"log write failed: {e!r}")
+            raise RunFailed("internal", f"the run finished but could not be logged ({type(e).__name__})",
+                            traj_id) from None
 
     async def _invoke(self, graph: Any, new: list[BaseMessage], config: dict | None, ctx: RunContext) -> None:
         config = dict(config or {})
@@ -178,7 +187,8 @@ class AgentService:
             answer = str(ctx.trace[-1].content).strip()
         adapter = next((ctx.steps[m.id].adapter for m in reversed(ctx.trace)
                         if isinstance(m, AIMessage) and m.id in ctx.steps), None)
-        model, _ = self.resolve_model(req.adapter)
+        steps = [ctx.steps[m.id] for m in ctx.trace if isinstance(m, AIMessage) and m.id in ctx.steps]
+        model = steps[-1].model if steps else self.resolve_model(req.adapter)[0]
         await self.log.finish(traj_id, status=status, messages=logged, final_answer=answer, error=error,
                               adapter=adapter, latency_ms=latency_ms)
         return RunResult(

@@ -140,7 +140,7 @@ def test_auth(authed: TestClient) -> None:
     assert authed.get("/v1/trajectories", headers=bearer(ADMIN)).status_code == 200
     assert authed.get(f"/v1/trajectories/{tid}", headers=bearer(ALICE)).json()["caller"] == "alice"
     assert authed.get(f"/v1/trajectories/{tid}", headers=bearer(BOB)).status_code == 404
-    assert authed.post(f"/v1/trajectories/{tid}/feedback", json={"score": 1}, headers=bearer(BOB)).status_code == 403
+    assert authed.post(f"/v1/trajectories/{tid}/feedback", json={"score": 1}, headers=bearer(BOB)).status_code == 404
     assert authed.post(f"/v1/trajectories/{tid}/feedback", json={"score": 1}, headers=bearer(ALICE)).status_code == 200
     # forcing an adapter is an admin power
     r = authed.post("/v1/runs", json={"input": "hi", "adapter": "base"}, headers=bearer(ALICE))
@@ -151,3 +151,18 @@ def test_adapters_endpoint(client: TestClient) -> None:
     r = client.get("/v1/adapters")
     assert r.status_code == 200
     assert r.json()["base"] == "hone-base" and r.json()["active"] is None
+
+
+def test_odd_bytes_and_unstorable_json_are_4xx_not_500(authed: TestClient, client: TestClient) -> None:
+    r = authed.post("/v1/runs", json={"input": "hi"}, headers={"Authorization": "Bearer t\xf6k\xe9n-123".encode("latin-1")})
+    assert r.status_code == 401
+    r = client.post("/v1/runs", content=b'{"input": "hi", "metadata": {"x": NaN}}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "storable" in r.json()["error"]["message"]
+    r = client.post("/v1/runs", content=b'{"input": "\\ud800"}', headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    bad_call = {"role": "assistant", "content": "", "tool_calls": [{"id": 5, "function": {"name": "x", "arguments": "[1]"}}]}
+    r = client.post("/v1/runs", json={"messages": [{"role": "user", "content": "q"}, bad_call]})
+    assert r.status_code == 422 and "messages[1]" in r.json()["error"]["message"]
+    # nothing half-written: none of these reached the log
+    assert client.get("/v1/trajectories").json()["data"] == []

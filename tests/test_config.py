@@ -51,3 +51,13 @@ def test_every_setting_is_documented() -> None:
     doc = (REPO / "docs" / "configuration.md").read_text()
     missing = [f.name for f in dataclasses.fields(Settings) if f"`{f.name}`" not in doc]
     assert missing == []
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"HONE_API_TOKENS": "admin:tok-admin-1"}, "reserved"),
+    ({"HONE_LOG_LEVEL": "verbose"}, "log_level"),
+    ({"HONE_PORT": "70000"}, "port"),
+])
+def test_settings_that_would_fail_later_fail_at_load(tmp_path: Path, env: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        Settings.load(env={"HONE_HOME": str(tmp_path), **env})
