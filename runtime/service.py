@@ -77,8 +77,8 @@ class AgentService:
         self.toolbox = toolbox
         self.llm = llm
         self.active_adapter = active_adapter  # () -> (name | None, path | None); cheap, read per call
-        self.stateless_graph = build_graph(None)
-        self.thread_graph = build_graph(checkpointer)
+        self.stateless_graph = build_graph(None)  # every run executes here
+        self.thread_graph = build_graph(checkpointer)  # holds threads' histories (read, then appended)
         self._thread_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._adapter_lock = asyncio.Lock()
 
@@ -125,7 +125,7 @@ class AgentService:
             if not self.engine.ready.is_set():
                 raise EngineError(f"engine is {self.engine.state}: {self.engine.last_error or 'starting up'}")
             if req.thread_id is None:
-                await asyncio.wait_for(self._invoke(self.stateless_graph, req.messages, None, ctx),
+                await asyncio.wait_for(self._invoke(req.messages, ctx),
                                        self.settings.request_timeout_s)
             else:
                 key = f"{req.caller}/{req.thread_id}"  # callers never share threads
@@ -134,8 +134,13 @@ class AgentService:
                     config = {"configurable": {"thread_id": key}}
                     snapshot = await self.thread_graph.aget_state(config)
                     history = list((snapshot.values or {}).get("messages", []))
-                    await asyncio.wait_for(self._invoke(self.thread_graph, req.messages, config, ctx),
+                    await asyncio.wait_for(self._invoke([*history, *req.messages], ctx),
                                            self.settings.request_timeout_s)
+                    # Only a turn that completed joins the thread: a failed or cancelled one would
+                    # otherwise leave the user's message (and half a tool exchange) for the retry to
+                    # repeat. as_node="tools": its plain edge needs no run context to resolve.
+                    await self.thread_graph.aupdate_state(config, {"messages": [*req.messages, *ctx.trace]},
+                                                          as_node="tools")
         except EngineError as e:
             await self._finish(traj_id, ctx, history, req, "engine_error", str(e), t0)
             raise RunFailed("engine_unavailable", str(e), traj_id) from None
@@ -164,12 +169,9 @@ class AgentService:
             raise RunFailed("internal", f"the run finished but could not be logged ({type(e).__name__})",
                             traj_id) from None
 
-    async def _invoke(self, graph: Any, new: list[BaseMessage], config: dict | None, ctx: RunContext) -> None:
-        config = dict(config or {})
-        config["recursion_limit"] = 2 * ctx.max_steps + 4
-        # durability="exit": a thread's checkpoint is written once per turn, not once per step.
-        kwargs = {"durability": "exit"} if graph.checkpointer is not None else {}
-        await graph.ainvoke({"messages": new}, config, context=ctx, **kwargs)
+    async def _invoke(self, messages: list[BaseMessage], ctx: RunContext) -> None:
+        config = {"recursion_limit": 2 * ctx.max_steps + 4}
+        await self.stateless_graph.ainvoke({"messages": messages}, config, context=ctx)
 
     async def _finish(self, traj_id: str, ctx: RunContext, history: list[BaseMessage], req: RunRequest,
                       status: str, error: str | None, t0: float) -> RunResult:

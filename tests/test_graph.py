@@ -221,3 +221,19 @@ async def test_client_system_message_is_merged_not_duplicated(make_service) -> N
     assert sum(m.type == "system" for m in sent) == 1
     logged = store.get(r.trajectory_id)["messages"]
     assert sum(m["role"] == "system" for m in logged) == 1
+
+
+async def test_a_failed_turn_does_not_join_the_thread(make_service) -> None:
+    import httpx
+    import openai
+
+    boom = openai.APIConnectionError(request=httpx.Request("POST", "http://127.0.0.1:1/v1/chat/completions"))
+    svc, model, _ = make_service([AIMessage("Hi Ann."), call("calculator", expression="1+1"), boom,
+                                  AIMessage("Your name is Ann.")])
+    await svc.run(req("My name is Ann.", thread_id="th"))
+    with pytest.raises(RunFailed):
+        await svc.run(req("What is my name?", thread_id="th"))
+    await svc.run(req("What is my name?", thread_id="th"))  # the client's retry
+    sent = model.calls[-1]["messages"]
+    assert [m.content for m in sent if isinstance(m, HumanMessage)][-2:] == ["My name is Ann.", "What is my name?"]
+    assert not any(m.type == "tool" and not m.tool_call_id.startswith("example_") for m in sent)
