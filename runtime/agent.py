@@ -91,6 +91,14 @@ class RunContext:
     trace: list[BaseMessage] = field(default_factory=list)  # messages this run produced, in order
 
 
+def make_llm(settings: Any, openai_base_url: str) -> Any:
+    """The chat model every run uses: our vLLM, the three tools bound, no client-side retries."""
+    return VLLMChat(
+        base_url=openai_base_url, api_key="unused", model=settings.served_model_name,
+        timeout=settings.request_timeout_s, max_retries=0,
+    ).bind(tools=ToolBox.specs, tool_choice="auto")
+
+
 def split_client_system(messages: list[AnyMessage]) -> tuple[str | None, list[AnyMessage]]:
     """A leading system message from the client is merged into our system prompt."""
     if messages and messages[0].type == "system":

@@ -229,18 +229,3 @@ async def healthz(request: Request) -> JSONResponse:
             "model": hone.settings.served_model_name, "active_adapter": active, "version": __version__}
     return JSONResponse(body, status_code=200 if hone.engine.ready.is_set() else 503,
                         headers=None if hone.engine.ready.is_set() else {"Retry-After": "5"})
-
-
-@router.get("/v1/adapters")
-async def adapters(request: Request) -> dict[str, Any]:
-    """The base model, the active adapter and what the engine currently has loaded."""
-    _caller(request)
-    hone = _hone(request)
-    active, path = hone.store.get_active_adapter()
-    loaded: list[str] | None = None
-    if hone.engine.ready.is_set():
-        try:
-            loaded = await hone.engine.served_models()
-        except Exception:
-            loaded = None
-    return {"base": hone.settings.served_model_name, "active": active, "active_path": path, "engine_models": loaded}

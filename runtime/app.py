@@ -15,12 +15,17 @@ from typing import Any
 from fastapi import FastAPI
 from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
 
+from learner.registry import Registry  # the learner's tables; no torch is imported by serving
+from learner.runner import write_engine_file
+
 from . import __version__
-from .agent import VLLMChat
+from .agent import make_llm
 from .api import router
+from .api_learner import router as learner_router
 from .config import Settings
 from .engine import Engine, ExternalEngine, ManagedEngine
 from .errors import error_response, install_error_handlers
+from .learner_process import LearnerProcess
 from .logwriter import TrajectoryLog
 from .model import ensure_model
 from .service import AgentService
@@ -39,6 +44,8 @@ class Hone:
     log: TrajectoryLog
     engine: Engine
     service: AgentService
+    registry: Registry
+    learner: LearnerProcess | None = None
 
 
 def build_engine(settings: Settings, on_ready) -> Engine:
@@ -74,20 +81,26 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
         eng = engine if engine is not None else build_engine(settings, restore_active_adapter)
         if engine is not None and eng._on_ready is None:
             eng._on_ready = restore_active_adapter
-        llm = VLLMChat(
-            base_url=eng.openai_base_url, api_key="unused", model=settings.served_model_name,
-            timeout=settings.request_timeout_s, max_retries=0,
-        ).bind(tools=ToolBox.specs, tool_choice="auto")
+        llm = make_llm(settings, eng.openai_base_url)
         async with AsyncSqliteSaver.from_conn_string(str(settings.checkpoints_path)) as checkpointer:
             await checkpointer.setup()
             service = AgentService(settings, eng, trajectory_log, ToolBox.from_settings(settings), checkpointer,
                                    llm, store.get_active_adapter)
-            app.state.hone = Hone(settings, store, trajectory_log, eng, service)
+            registry = Registry(settings.db_path)
+            hone = Hone(settings, store, trajectory_log, eng, service, registry)
+            app.state.hone = hone
             try:
                 await eng.start()
+                write_engine_file(settings, eng.base_url)  # how `hone train` / `hone learner` find vLLM
+                if settings.learner_enabled:
+                    hone.learner = LearnerProcess(settings, eng.base_url)
+                    await hone.learner.start()
                 yield
             finally:
+                if hone.learner is not None:
+                    await hone.learner.stop()
                 await eng.stop()
+                registry.close()
                 await trajectory_log.aclose()
                 store.close()
 
@@ -95,6 +108,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> FastAPI:
                   description="A tool-calling agent that learns from its own traffic.")
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(learner_router)
     return BodyLimit(app, settings.max_body_bytes)
 
 

@@ -45,7 +45,8 @@ def main() -> None:
 @click.option("--port", type=int, help="HTTP port (default 8080)")
 @click.option("--vllm-url", help="use this running vLLM server instead of starting one")
 @click.option("--model", type=click.Path(file_okay=False, path_type=Path), help="HF model directory to serve")
-def serve(host: str | None, port: int | None, vllm_url: str | None, model: Path | None) -> None:
+@click.option("--learner/--no-learner", default=None, help="start the background learner (default: learner_enabled)")
+def serve(host: str | None, port: int | None, vllm_url: str | None, model: Path | None, learner: bool | None) -> None:
     """Serve the agent over HTTP, starting and supervising vLLM.
 
     Prepares the embedded SmolLM2 on first use, starts vLLM on 127.0.0.1 (its log goes to
@@ -58,7 +59,7 @@ def serve(host: str | None, port: int | None, vllm_url: str | None, model: Path 
     from .app import create_app
     from .model import ModelError, ensure_model
 
-    settings = _settings(host=host, port=port, vllm_url=vllm_url, model=model)
+    settings = _settings(host=host, port=port, vllm_url=vllm_url, model=model, learner_enabled=learner)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not settings.auth_enabled and settings.host not in ("127.0.0.1", "localhost", "::1"):
         click.echo(f"hone: no API tokens are configured, so binding to 127.0.0.1 instead of {settings.host}. "
@@ -181,4 +182,12 @@ def show_config() -> None:
 from .cli_trajectories import trajectories  # noqa: E402  (a subcommand group in its own module)
 
 main.add_command(trajectories)
+
+from .cli_learner import adapters_cmd, cycles_cmd, learner_cmd, train_cmd  # noqa: E402
+
+for _cmd in (learner_cmd, train_cmd, cycles_cmd, adapters_cmd):
+    main.add_command(_cmd)
+
+if __name__ == "__main__":  # `python -m runtime.cli`: how `hone serve` starts the learner process
+    main()
 

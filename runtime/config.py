@@ -63,6 +63,40 @@ class Settings:
     storage_max_value_bytes: int = 65_536
     storage_max_keys: int = 1_000
 
+    # Learner: triggers (a cycle starts on whichever comes first, or on demand)
+    learner_enabled: bool = True  # `hone serve` starts the learner process
+    learner_min_new_labels: int = 50  # labelled serving runs since the last cycle; 0 = off
+    learner_interval_s: float = 3600.0  # seconds since the last cycle; 0 = off
+    learner_poll_s: float = 10.0
+    learner_threads: int = 0  # torch threads for training; 0 = half the cores (serving keeps the rest)
+    # Learner: data
+    val_fraction: float = 0.2  # share of tasks held out for the gate, never trained on
+    pairs_per_task: int = 4
+    max_pairs: int = 64  # newest pairs trained per cycle
+    min_pairs: int = 2  # fewer: the cycle is skipped
+    explore_attempts: int = 4  # sampled re-runs of a task that lacks contrast
+    explore_budget: int = 48  # rollouts per cycle
+    explore_temperature: float = 0.7
+    explore_concurrency: int = 8
+    # Learner: DPO and LoRA
+    dpo_beta: float = 0.1
+    dpo_lr: float = 5e-5
+    dpo_epochs: int = 2
+    dpo_batch_size: int = 4
+    dpo_max_length: int = 2048
+    dpo_nll_weight: float = 0.0
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    train_seed: int = 0
+    # Learner: gate and swap
+    gate_tasks: int = 32  # validation tasks run per side (candidate, current)
+    gate_margin: float = 0.0  # promote if candidate rate >= current rate + margin
+    gate_tasks_file: Path | None = None  # extra held-out tasks (JSONL: id, question, answer)
+    swap_tolerance: float = 0.1  # max mean |vLLM - local| probe log-prob (nats) to accept a swap
+    keep_adapters: int = 2  # adapters kept loaded in vLLM: the active one and its rollback target
+
     log_level: str = "info"
 
     # ---- derived locations (not settings) ----
@@ -94,6 +128,10 @@ class Settings:
     @property
     def model_path(self) -> Path:
         return self.model if self.model is not None else self.models_dir / DEFAULT_MODEL_DIRNAME
+
+    @property
+    def target_modules(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.lora_targets.split(",") if m.strip())
 
     @property
     def auth_enabled(self) -> bool:
@@ -152,8 +190,28 @@ class Settings:
             "vllm_max_model_len", "vllm_max_lora_rank", "vllm_max_loras", "vllm_startup_timeout_s",
             "max_steps", "max_tokens", "python_cpu_s", "python_wall_s", "python_memory_mb",
             "python_output_bytes", "storage_max_key_chars", "storage_max_value_bytes", "storage_max_keys",
+            "learner_poll_s", "pairs_per_task", "max_pairs", "min_pairs", "explore_concurrency", "dpo_beta",
+            "dpo_lr", "dpo_epochs", "dpo_batch_size", "dpo_max_length", "lora_rank", "lora_alpha", "gate_tasks",
+            "swap_tolerance", "keep_adapters",
         ):
             positive(name)
+        for name in ("learner_min_new_labels", "learner_interval_s", "learner_threads", "explore_attempts",
+                     "explore_budget", "dpo_nll_weight", "gate_margin"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0.0 < self.explore_temperature <= 2.0:
+            raise ConfigError(f"explore_temperature must be in (0, 2], got {self.explore_temperature}")
+        if self.lora_rank > self.vllm_max_lora_rank:
+            raise ConfigError(f"lora_rank ({self.lora_rank}) exceeds vllm_max_lora_rank ({self.vllm_max_lora_rank}):"
+                              " vLLM could not load the adapters")
+        if not self.target_modules:
+            raise ConfigError("lora_targets must name at least one module, e.g. q_proj,v_proj")
+        if self.keep_adapters > self.vllm_max_loras:
+            raise ConfigError(f"keep_adapters ({self.keep_adapters}) exceeds vllm_max_loras ({self.vllm_max_loras})")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in [1, 65535], got {self.port}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):

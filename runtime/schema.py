@@ -2,7 +2,7 @@
 
 The schema version lives in ``PRAGMA user_version`` (an integer in the database header, written in
 the same transaction as the migration itself, so a crash can never leave a half-applied version).
-``MIGRATIONS[i]`` takes a database from version ``i`` to ``i + 1``; ``migrate`` applies whatever is
+``MIGRATIONS[i]`` (runtime/migrations.py) takes a database from version ``i`` to ``i + 1``; ``migrate`` applies whatever is
 pending. Every table and column is documented in docs/trajectory-schema.md, which also explains how
 to add a migration.
 
@@ -18,12 +18,13 @@ import re
 import secrets
 import sqlite3
 import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from .migrations import MIGRATIONS, SCHEMA_VERSION, Migration
 
 # Values of trajectories.status. Checked in Python, not with a SQL CHECK constraint: SQLite cannot
 # alter a CHECK, so adding a status later would need a full table rebuild.
@@ -42,7 +43,6 @@ class SchemaError(RuntimeError):
     """The database cannot be used by this version of hone (e.g. it was written by a newer one)."""
 
 
-Migration = Callable[[sqlite_utils.Database], None]
 
 
 def connect(path: str | Path) -> sqlite_utils.Database:
@@ -303,98 +303,3 @@ def decode_message(row: Mapping[str, Any]) -> dict[str, Any]:
     out["generated"] = bool(out["generated"])
     return out
 
-
-# ---------------------------------------------------------------- migrations (frozen once released)
-
-
-def _m001_initial(db: sqlite_utils.Database) -> None:
-    db.table("trajectories").create(
-        {
-            "id": str,
-            "created_at": float,
-            "finished_at": float,
-            "status": str,
-            "caller": str,
-            "thread_id": str,
-            "request_key": str,
-            "task_id": str,
-            "source": str,
-            "request": str,
-            "metadata": str,
-            "final_answer": str,
-            "error": str,
-            "model": str,
-            "adapter": str,
-            "n_steps": int,
-            "n_tool_calls": int,
-            "n_tool_errors": int,
-            "prompt_tokens": int,
-            "completion_tokens": int,
-            "latency_ms": float,
-            "writer": str,
-            "label": str,
-            "label_source": str,
-            "label_score": float,
-        },
-        pk="id",
-        not_null={"created_at", "status", "source", "model", "writer"},
-        defaults={"source": "serve"},
-    )
-    # Listing is "filter, newest first" and ids sort by creation time, so the filter columns are
-    # indexed together with id: `WHERE status = ? ORDER BY id DESC LIMIT n` then reads n index
-    # entries instead of sorting every match. created_at is only ever a range, so it stands alone.
-    db.table("trajectories").create_index(["created_at"], index_name="idx_trajectories_created_at")
-    for col in ("status", "request_key", "task_id", "adapter", "label"):
-        db.table("trajectories").create_index([col, "id"], index_name=f"idx_trajectories_{col}")
-
-    db.table("messages").create(
-        {
-            "trajectory_id": str,
-            "idx": int,
-            "role": str,
-            "content": str,
-            "tool_calls": str,
-            "tool_call_id": str,
-            "name": str,
-            "is_error": int,
-            "model": str,
-            "adapter": str,
-            "started_at": float,
-            "latency_ms": float,
-            "prompt_tokens": int,
-            "completion_tokens": int,
-            "prompt_token_ids": str,
-            "completion_token_ids": str,
-            "finish_reason": str,
-            "generated": int,
-        },
-        pk=("trajectory_id", "idx"),
-        not_null={"trajectory_id", "idx", "role", "is_error", "generated"},
-        defaults={"is_error": 0, "generated": 0},
-        foreign_keys=[("trajectory_id", "trajectories", "id")],
-    )
-
-    db.table("feedback").create(
-        {"id": int, "trajectory_id": str, "score": float, "comment": str, "caller": str, "created_at": float},
-        pk="id",
-        not_null={"trajectory_id", "score", "created_at"},
-        foreign_keys=[("trajectory_id", "trajectories", "id")],
-    )
-    db.table("feedback").create_index(["trajectory_id"], index_name="idx_feedback_trajectory_id")
-
-    # Raw SQL for the CHECK that keeps this a single-row table (sqlite-utils' create() has no CHECK).
-    db.execute(
-        """
-        CREATE TABLE active_adapter (
-            id INTEGER PRIMARY KEY CHECK (id = 1),
-            name TEXT,
-            path TEXT,
-            updated_at REAL NOT NULL
-        )
-        """
-    )
-    db.execute("INSERT INTO active_adapter (id, name, path, updated_at) VALUES (1, NULL, NULL, ?)", [time.time()])
-
-
-MIGRATIONS: tuple[Migration, ...] = (_m001_initial,)
-SCHEMA_VERSION = len(MIGRATIONS)

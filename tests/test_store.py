@@ -25,7 +25,7 @@ TRAJECTORY_COLUMNS = {
     "id", "created_at", "finished_at", "status", "caller", "thread_id", "request_key", "task_id", "source",
     "request", "metadata", "final_answer", "error", "model", "adapter", "n_steps", "n_tool_calls",
     "n_tool_errors", "prompt_tokens", "completion_tokens", "latency_ms", "writer", "label", "label_source",
-    "label_score",
+    "label_score", "labeled_at",
 }
 MESSAGE_COLUMNS = {
     "trajectory_id", "idx", "role", "content", "tool_calls", "tool_call_id", "name", "is_error", "model",
@@ -82,7 +82,7 @@ def tool_run_messages() -> list[dict]:
 
 def test_schema_is_created_with_documented_columns_and_settings(db_path: Path) -> None:
     db = schema.connect(db_path)
-    assert schema.migrate(db) == schema.SCHEMA_VERSION == 1
+    assert schema.migrate(db) == schema.SCHEMA_VERSION == 2
     assert set(db["trajectories"].columns_dict) == TRAJECTORY_COLUMNS
     assert set(db["messages"].columns_dict) == MESSAGE_COLUMNS
     assert set(db["feedback"].columns_dict) == {"id", "trajectory_id", "score", "comment", "caller", "created_at"}
@@ -128,8 +128,9 @@ def test_older_database_gets_only_the_pending_migrations_and_keeps_its_data(db_p
         db["trajectories"].add_column("reviewed", int)
 
     db = schema.connect(db_path)
-    assert schema.migrate(db, migrations=(*schema.MIGRATIONS, m002_add_column)) == 2
-    assert schema.migrate(db, migrations=(*schema.MIGRATIONS, m002_add_column)) == 2
+    n = schema.SCHEMA_VERSION + 1
+    assert schema.migrate(db, migrations=(*schema.MIGRATIONS, m002_add_column)) == n
+    assert schema.migrate(db, migrations=(*schema.MIGRATIONS, m002_add_column)) == n
     assert calls == [1]
     assert "reviewed" in db["trajectories"].columns_dict
     assert db["trajectories"].get(traj_id)["status"] == "running"
@@ -145,7 +146,7 @@ def test_failed_migration_is_rolled_back_entirely(db_path: Path) -> None:
 
     with pytest.raises(RuntimeError, match="bug in migration"):
         schema.migrate(db, migrations=(*schema.MIGRATIONS, m002_broken))
-    assert schema.schema_version(db) == 1
+    assert schema.schema_version(db) == schema.SCHEMA_VERSION
     assert not db["half_done"].exists()
     assert not db.conn.in_transaction
 

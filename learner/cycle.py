@@ -1,0 +1,187 @@
+"""One learner cycle, from the log to the swap. Reads top to bottom; each phase is timed and its
+numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learner/cycles).
+
+    label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
+    -> pairs (token-exact, drift excluded) -> train (LoRA-DPO) -> check files -> gate -> swap
+
+Reference model: the base model with the adapter disabled, never the promoted parent. The policy is
+warm-started from the parent, so each cycle improves on what serves, but the KL anchor stays the
+same model every cycle: drift cannot compound across cycles, and reference log-probs never go
+stale. The gate compares against the parent, so a cycle can still never make things worse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from runtime.config import Settings
+from runtime.model import ensure_model
+from runtime.store import TrajectoryStore
+
+from . import explore as exploration
+from .gate import run_gate
+from .labels import label_all
+from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_tasks
+from .registry import Registry
+from .runner import AgentRunner, adapter_path
+from .swap import SwapError, promote
+from .tasks import load_task_file
+
+log = logging.getLogger("hone.learner")
+Say = Callable[[str], None]
+
+
+def train_config(settings: Settings):
+    from .train import TrainConfig
+
+    threads = settings.learner_threads or max(1, (__import__("os").cpu_count() or 2) // 2)
+    return TrainConfig(
+        beta=settings.dpo_beta, lr=settings.dpo_lr, epochs=settings.dpo_epochs, batch_size=settings.dpo_batch_size,
+        max_length=settings.dpo_max_length, nll_weight=settings.dpo_nll_weight, lora_rank=settings.lora_rank,
+        lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, target_modules=settings.target_modules,
+        seed=settings.train_seed, threads=threads,
+    )
+
+
+class Cycle:
+    def __init__(self, settings: Settings, registry: Registry, runner: AgentRunner, cycle_id: int,
+                 say: Say = lambda m: None, progress: bool = False) -> None:
+        self.s, self.registry, self.runner, self.id = settings, registry, runner, cycle_id
+        self.say, self.progress = say, progress
+        self.timings: dict[str, float] = {}
+        self.counts: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self.registry.update_cycle(self.id, phase=name, progress=None)
+        self.say(f"cycle {self.id}: {name}")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - t0, 3)
+            self.registry.update_cycle(self.id, timings=self.timings, counts=self.counts)
+
+    def collect(self) -> Groups:
+        with self.registry.locked() as db:
+            return collect(db, val_fraction=self.s.val_fraction)
+
+    def finish(self, state: str, **fields: Any) -> str:
+        self.registry.finish_cycle(self.id, state, timings=self.timings, counts=self.counts, progress=None, **fields)
+        self.say(f"cycle {self.id}: {state}" + (f" ({fields['error']})" if fields.get("error") else ""))
+        return state
+
+    async def run(self) -> str:
+        s, registry = self.s, self.registry
+        with self.phase("label"):
+            self.counts["labels"] = await asyncio.to_thread(label_all, registry)
+
+        with self.phase("collect"):
+            groups = self.collect()
+            self.counts.update(groups.counts())
+            to_explore = tasks_to_explore(groups)
+            self.counts["tasks_without_contrast"] = len(to_explore)
+
+        if to_explore and s.explore_budget and s.explore_attempts:
+            with self.phase("explore"):
+                done = [0]
+
+                def tick(_attempt) -> None:
+                    done[0] += 1
+                    self.registry.update_cycle(self.id, progress={"rollouts": done[0]})
+
+                self.counts.update(await exploration.explore(self.runner, to_explore, cycle_id=self.id, on_done=tick))
+                self.counts["labels_after_explore"] = await asyncio.to_thread(label_all, registry)
+                groups = self.collect()
+
+        with self.phase("pairs"):
+            with TrajectoryStore(s.db_path) as store:
+                built = await asyncio.to_thread(build_pairs, store, groups, per_task=s.pairs_per_task,
+                                                max_pairs=s.max_pairs, model_dir=s.model_path)
+            self.counts["pairs"] = len(built.pairs)
+            self.counts["pair_tasks"] = len({p.group for p in built.pairs})
+            self.counts["excluded"] = built.excluded
+            self.counts["drift_excluded"] = built.excluded.get("drift", 0)
+        if len(built.pairs) < s.min_pairs:
+            return self.finish("skipped", error=f"{len(built.pairs)} preference pairs, fewer than min_pairs="
+                                                f"{s.min_pairs}")
+
+        active, active_path = registry.active()
+        version = registry.new_version()
+        out_dir = adapter_path(s, version)
+        with self.phase("train"):
+            from .train import train_adapter  # torch is imported only when a cycle trains
+
+            model_dir = await asyncio.to_thread(ensure_model, s, progress=self.say)
+            parent_dir = active_path if active else None
+            result = await asyncio.to_thread(
+                train_adapter, model_dir, built.pairs, train_config(s), out_dir,
+                parent_adapter=parent_dir, progress=self.progress,
+            )
+            registry.add_adapter(version, out_dir, parent=active, cycle_id=self.id,
+                                 train={"metrics": result.metrics, "counts": result.counts})
+            registry.update_cycle(self.id, candidate=version)
+
+        with self.phase("check"):
+            from .probe import check_adapter_files
+
+            reason = check_adapter_files(out_dir)
+            if reason is None:
+                try:
+                    await self.runner.engine.load_adapter(version, out_dir)
+                except Exception as e:
+                    reason = f"vLLM could not load it: {e}"
+            if reason is not None:
+                registry.update_adapter(version, status="rejected", reason=reason)
+                return self.finish("rejected", error=f"candidate {version} rejected: {reason}")
+
+        with self.phase("gate"):
+            tasks = validation_tasks(groups)
+            if s.gate_tasks_file:
+                tasks = tasks + load_task_file(s.gate_tasks_file)
+            tasks = tasks[: s.gate_tasks]
+            if not tasks:
+                reason = "no held-out tasks to gate on (no verifiable validation traffic and no gate_tasks_file)"
+                registry.update_adapter(version, status="rejected", reason=reason)
+                await _unload_quietly(self.runner, version)
+                return self.finish("rejected", error=reason)
+            done = [0]
+
+            def tick_gate(_attempt) -> None:
+                done[0] += 1
+                self.registry.update_cycle(self.id, progress={"runs": done[0], "of": 2 * len(tasks)})
+
+            gate = await run_gate(self.runner, tasks, candidate=version, current=active, cycle_id=self.id,
+                                  margin=s.gate_margin, on_done=tick_gate)
+            registry.update_adapter(version, gate=gate)
+            registry.update_cycle(self.id, gate=gate)
+            self.say(f"cycle {self.id}: gate {version} {gate['candidate_rate']:.1%} vs "
+                     f"{gate['current']} {gate['current_rate']:.1%} on {gate['n_tasks']} held-out tasks")
+        if not gate["promote"]:
+            reason = (f"gate: {gate['candidate_rate']:.3f} < {gate['current_rate']:.3f} + margin {gate['margin']}")
+            registry.update_adapter(version, status="rejected", reason=reason)
+            await _unload_quietly(self.runner, version)
+            return self.finish("rejected", error=reason, gate=gate)
+
+        with self.phase("swap"):
+            try:
+                swap = await promote(self.runner.engine, registry, version, tolerance=s.swap_tolerance,
+                                     keep=s.keep_adapters)
+            except SwapError as e:
+                registry.update_adapter(version, status="rejected", reason=str(e))
+                await _unload_quietly(self.runner, version)
+                return self.finish("rejected", error=str(e), gate=gate)
+            self.counts["swap"] = swap
+        return self.finish("promoted", gate=gate)
+
+
+async def _unload_quietly(runner: AgentRunner, version: str) -> None:
+    try:
+        await runner.engine.unload_adapter(version)
+    except Exception as e:
+        log.warning("could not unload rejected %s: %s", version, e)

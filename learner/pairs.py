@@ -1,0 +1,120 @@
+"""From labelled trajectories to preference pairs, and the tasks that need exploring.
+
+Attempts are grouped by task key (learner.tasks). In a training task with both a success and a
+failure, each success is paired with each failure (chosen, rejected), newest first, at most
+`per_task` pairs per task and never the same two generations twice. Gate and eval runs never
+become training data; validation tasks never do either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlite_utils
+
+from runtime.store import TrajectoryStore
+
+from .labels import FAILURE, SUCCESS
+from .sequences import SequenceError, trajectory_sequence
+from .tasks import Task, is_validation, task_from_trajectory, task_key
+from .types import Pair, TokenSequence
+
+TRAINING_SOURCES = ("serve", "exploration")
+_COLUMNS = "id, task_id, request_key, label, source, thread_id, metadata, request, created_at"
+
+
+@dataclass
+class Groups:
+    train: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> rows, newest first
+    validation: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        return {"train_tasks": len(self.train), "validation_tasks": len(self.validation),
+                "labelled_runs": sum(len(v) for v in (*self.train.values(), *self.validation.values()))}
+
+
+def collect(db: sqlite_utils.Database, *, val_fraction: float, limit: int = 20_000) -> Groups:
+    """Labelled serving and exploration runs, newest first, grouped by task and split."""
+    cur = db.execute(f"SELECT {_COLUMNS} FROM trajectories WHERE label IS NOT NULL AND source IN "
+                     f"({','.join('?' * len(TRAINING_SOURCES))}) ORDER BY id DESC LIMIT ?", [*TRAINING_SOURCES, limit])
+    names = [d[0] for d in cur.description]
+    groups = Groups()
+    for values in cur.fetchall():
+        row = dict(zip(names, values))
+        key = task_key(row)
+        side = groups.validation if is_validation(key, val_fraction) else groups.train
+        side.setdefault(key, []).append(row)
+    return groups
+
+
+def has_contrast(rows: list[dict[str, Any]]) -> bool:
+    labels = {r["label"] for r in rows}
+    return SUCCESS in labels and FAILURE in labels
+
+
+def tasks_to_explore(groups: Groups) -> list[tuple[Task, int]]:
+    """Re-runnable training tasks without contrast, with how many runs they have; all-failure tasks
+    first (learning from failure is the point of exploration), then the least tried."""
+    out = []
+    for rows in groups.train.values():
+        if has_contrast(rows):
+            continue
+        task = next((t for t in map(task_from_trajectory, rows) if t is not None), None)
+        if task is not None:
+            all_failed = all(r["label"] == FAILURE for r in rows)
+            out.append((task, len(rows), all_failed))
+    out.sort(key=lambda x: (not x[2], x[1], x[0].key))
+    return [(t, n) for t, n, _ in out]
+
+
+def validation_tasks(groups: Groups) -> list[Task]:
+    tasks = [next((t for t in map(task_from_trajectory, rows) if t is not None), None)
+             for rows in groups.validation.values()]
+    return sorted((t for t in tasks if t is not None), key=lambda t: hashlib.sha256(t.key.encode()).hexdigest())
+
+
+def _generated(seq: TokenSequence) -> str:
+    return hashlib.sha256(json.dumps([i for i, m in zip(seq.ids, seq.mask) if m]).encode()).hexdigest()
+
+
+@dataclass
+class PairSet:
+    pairs: list[Pair]
+    excluded: dict[str, int]  # why trajectories were left out: drift, no_steps, render
+
+
+def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pairs: int,
+                model_dir: Any = None) -> PairSet:
+    pairs: list[Pair] = []
+    excluded: dict[str, int] = defaultdict(int)
+    for key, rows in groups.train.items():
+        if not has_contrast(rows):
+            continue
+        seqs: dict[str, list[TokenSequence]] = {SUCCESS: [], FAILURE: []}
+        seen: set[str] = set()
+        for row in rows:  # newest first
+            traj = store.get(row["id"])
+            if traj is None:
+                continue
+            try:
+                seq = trajectory_sequence(traj, model_dir=model_dir)
+            except SequenceError as e:
+                excluded[e.kind] += 1
+                continue
+            digest = _generated(seq)
+            if digest in seen:  # the same generation twice adds no information
+                excluded["duplicate"] += 1
+                continue
+            seen.add(digest)
+            seqs[row["label"]].append(seq)
+        good, bad = seqs[SUCCESS], seqs[FAILURE]
+        # Newest pairs first, spread over both sides rather than one success against every failure.
+        order = sorted(itertools.product(range(len(good)), range(len(bad))), key=sum)[:per_task]
+        pairs.extend(Pair(good[i], bad[j], key) for i, j in order)
+    pairs.sort(key=lambda p: max(p.chosen.trajectory_id or "", p.rejected.trajectory_id or ""), reverse=True)
+    return PairSet(pairs[:max_pairs], dict(excluded))

@@ -1,0 +1,67 @@
+"""A logged trajectory as one training sequence, token-exact with what was served.
+
+The sequence is the last model call's prompt plus its completion; the mask is 1 on the tokens of
+every completion (what the model generated) and 0 everywhere else. Token ids logged at serving time
+are used as they are. Before training we check that they chain: each step's prompt must extend the
+previous step's prompt plus completion exactly. A run where they do not (retokenization drift: the
+template or tokenizer rendered history differently than it was sampled) is excluded and counted,
+because training on it would push up tokens the model never produced.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from runtime.model import split_last_turn
+from tools.specs import TOOL_SPECS
+
+from .types import TokenSequence
+
+_OPENAI_KEYS = ("role", "content", "tool_calls", "tool_call_id", "name")
+
+
+class SequenceError(ValueError):
+    """The trajectory cannot become a training sequence; `kind` says why (for the cycle's counts)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind  # no_steps | drift | render
+
+
+def _steps_from_log(steps: list[dict[str, Any]]) -> list[tuple[list[int], list[int]]] | None:
+    if all(s.get("prompt_token_ids") and s.get("completion_token_ids") for s in steps):
+        return [(list(s["prompt_token_ids"]), list(s["completion_token_ids"])) for s in steps]
+    return None
+
+
+def _steps_by_rendering(messages: list[dict[str, Any]], model_dir: Any) -> list[tuple[list[int], list[int]]]:
+    """For runs logged without token ids: re-render each step with the serving template."""
+    plain = [{k: m[k] for k in _OPENAI_KEYS if m.get(k) is not None} for m in messages]
+    out = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and m.get("generated"):
+            try:
+                out.append(split_last_turn(plain[: i + 1], TOOL_SPECS, model_dir))
+            except Exception as e:
+                raise SequenceError("render", f"cannot re-render step at message {i}: {e}") from None
+    return out
+
+
+def trajectory_sequence(traj: dict[str, Any], *, model_dir: Any = None) -> TokenSequence:
+    """`traj` as returned by TrajectoryStore.get (with its messages)."""
+    messages = traj["messages"]
+    steps = [m for m in messages if m["role"] == "assistant" and m.get("generated")]
+    if not steps:
+        raise SequenceError("no_steps", f"{traj['id']}: the model generated nothing")
+    pieces = _steps_from_log(steps) or _steps_by_rendering(messages, model_dir)
+    ids: list[int] = []
+    mask: list[int] = []
+    for k, (prompt, completion) in enumerate(pieces):
+        if prompt[: len(ids)] != ids:
+            first = next((i for i, (a, b) in enumerate(zip(prompt, ids)) if a != b), min(len(prompt), len(ids)))
+            raise SequenceError("drift", f"{traj['id']}: step {k + 1}'s prompt does not extend step {k}'s prompt + "
+                                         f"completion (first difference at token {first})")
+        context = prompt[len(ids):]
+        ids += context + completion
+        mask += [0] * len(context) + [1] * len(completion)
+    return TokenSequence(tuple(ids), tuple(mask), traj["id"])
