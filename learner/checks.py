@@ -8,8 +8,9 @@ Rules (also in docs/learner.md):
 - contains: the expected text appears in the reply, ignoring case and runs of whitespace.
 - exact: the reply equals the expected text, ignoring case, surrounding whitespace and one
   trailing period.
-Without an explicit check, a numeric expected answer (a number, or a string that parses as one)
-is checked numerically and anything else with `contains`.
+Without an explicit check, a numeric expected answer (a number, or a string that is exactly one
+number as written above, e.g. "1,234" or "3/4") is checked numerically and anything else with
+`contains`. An empty expected answer is an error (CheckError), never a match.
 """
 
 from __future__ import annotations
@@ -61,11 +62,9 @@ def default_check(expected: Any) -> Check:
 
 
 def _is_number(s: str) -> bool:
-    try:
-        float(s.replace(",", ""))
-        return True
-    except ValueError:
-        return False
+    # Exactly the numbers `last_number` reads (not Python's float(): "1,2,3" or "1e3" or "nan" must
+    # not be checked numerically against the last digits they contain).
+    return _NUMBER.fullmatch(s) is not None and last_number(s) is not None
 
 
 def _norm(text: str) -> str:
@@ -89,6 +88,9 @@ def check_answer(reply: str, expected: Any, check: str | None = None) -> bool:
         if got is None:
             return False
         return math.isclose(got, want, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+    want_text = _norm(str(expected))
+    if not want_text:
+        raise CheckError("expected answer is empty")  # "" is contained in every reply
     if kind == "contains":
-        return _norm(str(expected)) in _norm(reply or "")
-    return _norm(reply or "").rstrip(".") == _norm(str(expected)).rstrip(".")
+        return want_text in _norm(reply or "")
+    return _norm(reply or "").removesuffix(".") == want_text.removesuffix(".")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checks import CHECKS, CheckError, default_check
+from .checks import CHECKS, CheckError, check_answer, default_check
 
 
 class TaskFileError(ValueError):
@@ -71,14 +71,21 @@ def task_from_trajectory(row: dict[str, Any]) -> Task | None:
     else:
         return None
     check = metadata.get("check")
-    try:
-        check = check if check in CHECKS else default_check(expected) if check is None else None
-    except CheckError:
-        return None
-    if check is None:
+    check = check if check in CHECKS else default_check(expected) if check is None else None
+    if check is None or not _checkable(expected, check):
         return None
     keep = {k: v for k, v in metadata.items() if k not in ("task_id", "expected_answer", "check")}
     return Task(task_key(row), tuple(messages), expected, check, keep)
+
+
+def _checkable(expected: Any, check: str) -> bool:
+    """Whether replies can be checked against `expected` (else check_answer raises CheckError,
+    which would abort a whole gate or exploration batch rather than fail one attempt)."""
+    try:
+        check_answer("", expected, check)
+    except CheckError:
+        return False
+    return True
 
 
 def load_task_file(path: str | Path) -> list[Task]:
@@ -107,6 +114,8 @@ def load_task_file(path: str | Path) -> list[Task]:
         check = obj.get("check") or default_check(obj["answer"])
         if check not in CHECKS:
             raise TaskFileError(f"{where}: check must be one of {', '.join(CHECKS)}")
+        if not _checkable(obj["answer"], check):
+            raise TaskFileError(f"{where}: answer {obj['answer']!r} cannot be checked with {check!r}")
         key = f"file:{obj['id']}"
         if key in seen:
             raise TaskFileError(f"{where}: duplicate id {obj['id']!r}")

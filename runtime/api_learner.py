@@ -86,7 +86,11 @@ async def rollback_adapter(request: Request) -> dict[str, Any]:
     caller = authenticate(_hone(request).settings, request)
     require_admin(caller)
     hone = _hone(request)
-    if not hone.engine.ready.is_set():
+    try:  # nothing to roll back is a 409 whatever the engine's state: retrying would not help
+        _active, target, _path = hone.registry.rollback_target()
+    except RegistryError as e:
+        raise ApiError(409, str(e), "conflict") from None
+    if target is not None and not hone.engine.ready.is_set():  # back to base loads nothing
         raise ApiError(503, f"engine is {hone.engine.state}; try again", "engine_unavailable",
                        headers={"Retry-After": "5"})
     try:

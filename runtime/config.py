@@ -196,9 +196,11 @@ class Settings:
         ):
             positive(name)
         for name in ("learner_min_new_labels", "learner_interval_s", "learner_threads", "explore_attempts",
-                     "explore_budget", "dpo_nll_weight", "gate_margin"):
+                     "explore_budget", "dpo_nll_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not -1.0 <= self.gate_margin <= 1.0:
+            raise ConfigError(f"gate_margin must be in [-1, 1], got {self.gate_margin}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.lora_dropout < 1.0:

@@ -1,0 +1,240 @@
+"""The learning half on real parts: `hone serve` (real vLLM on CPU, SmolLM2) + the learner process,
+`hone train` running a real cycle (labels from user feedback, exploration, token-exact pairs,
+LoRA-DPO with peft/torch, gate through the real agent, verified hot-swap), then swap under load,
+a wrong adapter caught by verification, a corrupt one refused, a learner crash, and rollback.
+
+The gate margin is -1 here so the tiny candidate is always promoted: what is under test is the
+machinery (does a promotion swap without dropping requests?), not whether 4 pairs improve the model
+(that is `hone bench loop`'s job)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .integration_support import REPO, hone_server, prepared_model
+
+pytestmark = pytest.mark.integration
+
+TASKS = [json.loads(line) for line in (REPO / "bench" / "data" / "mawps-sample.jsonl").read_text().splitlines()]
+HONE = str(Path(sys.executable).parent / "hone")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("learner-home")
+    gate_file = home / "gate-tasks.jsonl"
+    gate_file.write_text("".join(json.dumps(t) + "\n" for t in TASKS[-4:]))
+    env = {
+        # only manual cycles, and tiny ones
+        "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0", "HONE_LEARNER_POLL_S": "1",
+        "HONE_DPO_EPOCHS": "1", "HONE_DPO_BATCH_SIZE": "2", "HONE_MAX_PAIRS": "4", "HONE_PAIRS_PER_TASK": "2",
+        "HONE_EXPLORE_BUDGET": "4", "HONE_EXPLORE_ATTEMPTS": "2", "HONE_GATE_TASKS": "4",
+        "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_MARGIN": "-1", "HONE_VAL_FRACTION": "0",
+        "HONE_DPO_LR": "1e-3",
+    }
+    with hone_server(home, prepared_model(), extra_env=env) as s:
+        yield s
+
+
+def post_run(server, **body) -> dict:
+    r = httpx.post(server.url + "/v1/runs", json=body, timeout=300)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def hone(server, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([HONE, *args], env=server.env, capture_output=True, text=True, timeout=timeout)
+
+
+def cycles(server) -> dict:
+    return httpx.get(server.url + "/v1/learner/cycles", timeout=30).json()
+
+
+def test_hone_train_runs_a_real_cycle_and_promotes(server) -> None:
+    # Traffic with contrast from user feedback: two sampled attempts per task, one marked good.
+    for task in TASKS[:3]:
+        ids = [post_run(server, input=task["question"], temperature=1.0, metadata={"task_id": task["id"]})
+               ["trajectory_id"] for _ in range(2)]
+        for traj_id, verdict in zip(ids, ("success", "failure")):
+            r = httpx.post(f"{server.url}/v1/trajectories/{traj_id}/feedback", json={"score": verdict}, timeout=30)
+            assert r.status_code == 200, r.text
+    # ... and verifiable traffic without contrast, which exploration re-runs.
+    post_run(server, input=TASKS[3]["question"], metadata={"task_id": TASKS[3]["id"], "expected_answer": TASKS[3]["answer"]})
+
+    proc = hone(server, "train", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cycle = json.loads(proc.stdout)
+    assert "cycle" in proc.stderr and "train" in proc.stderr  # progress was shown
+    assert cycle["state"] == "promoted", cycle
+    assert cycle["trigger"] == "manual" and cycle["candidate"] == "hone-v1"
+    counts = cycle["counts"]
+    assert counts["labels"]["success"] >= 3 and counts["labels"]["failure"] >= 3
+    assert counts["explore_rollouts"] >= 1 and counts["pairs"] >= 2 and counts["drift_excluded"] == 0
+    assert set(cycle["timings"]) >= {"label", "collect", "explore", "pairs", "train", "check", "gate", "swap"}
+    gate = cycle["gate"]
+    assert gate["n_tasks"] == 4 and gate["current"] == "base" and 0 <= gate["candidate_rate"] <= 1
+    assert counts["swap"]["ok"] is True and counts["swap"]["diff_vs_trained"] <= 0.1
+
+    adapter_dir = server.home / "adapters" / "hone-v1"
+    assert (adapter_dir / "adapter_model.safetensors").is_file() and (adapter_dir / "hone-adapter.json").is_file()
+    listed = hone(server, "cycles")
+    assert listed.returncode == 0 and "promoted" in listed.stdout and "hone-v1" in listed.stdout
+
+    # The next request is served by the new adapter, and its trajectory says so.
+    body = post_run(server, input=TASKS[0]["question"])
+    assert body["adapter"] == "hone-v1"
+    traj = httpx.get(f"{server.url}/v1/trajectories/{body['trajectory_id']}", timeout=30).json()
+    assert traj["adapter"] == "hone-v1"
+    assert all(m["adapter"] == "hone-v1" for m in traj["messages"] if m["generated"])
+    # exploration and gate runs were logged as such, with the task they re-ran
+    explored = httpx.get(server.url + "/v1/trajectories", params={"source": "exploration"}, timeout=30).json()["data"]
+    assert len(explored) == counts["explore_rollouts"] and all(t["task_id"] == TASKS[3]["id"] for t in explored)
+    gated = httpx.get(server.url + "/v1/trajectories", params={"source": "gate", "limit": 100}, timeout=30).json()["data"]
+    assert len(gated) == 8 and {t["metadata"]["gate_side"] for t in gated} == {"candidate", "current"}
+
+
+def _load(server, stop: threading.Event, results: list) -> None:
+    with httpx.Client(timeout=300) as c:
+        while not stop.is_set():
+            t0 = time.time()
+            try:
+                r = c.post(server.url + "/v1/runs", json={"input": "What is 12 * 7?", "max_steps": 2})
+                results.append((t0, time.time(), r.status_code, r.json().get("adapter") if r.status_code == 200 else r.text))
+            except httpx.HTTPError as e:
+                results.append((t0, time.time(), 0, repr(e)))
+
+
+def test_hot_swap_under_16_way_load_fails_nothing(server) -> None:
+    from learner.registry import Registry
+    from learner.swap import promote
+    from runtime.config import Settings
+    from runtime.engine import ExternalEngine
+
+    assert hone(server, "adapters", "rollback").returncode == 0  # back to base, so there is a swap to make
+    settings = Settings.load(env=server.env)
+    engine_url = json.loads((server.home / "run" / "engine.json").read_text())["url"]
+    registry = Registry(settings.db_path)
+    stop, results = threading.Event(), []
+    threads = [threading.Thread(target=_load, args=(server, stop, results)) for _ in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(15)
+
+    async def swap() -> dict:
+        engine = ExternalEngine(engine_url)
+        try:
+            return await promote(engine, registry, "hone-v1", tolerance=settings.swap_tolerance, keep=2)
+        finally:
+            await engine.stop()
+
+    t_swap = time.time()
+    verified = asyncio.run(swap())
+    t_done = time.time()
+    time.sleep(20)
+    stop.set()
+    for t in threads:
+        t.join()
+    registry.close()
+    assert verified["ok"] is True
+    failures = [r for r in results if r[2] != 200]
+    assert failures == [] and len(results) >= 16, failures[:3]
+    after = [r for r in results if r[0] > t_done]
+    assert after and all(r[3] == "hone-v1" for r in after), after[:3]
+    assert any(r[3] is None for r in results if r[1] < t_swap)  # before the swap: the base model
+
+
+def test_wrong_adapter_under_the_right_name_fails_verification(server) -> None:
+    from learner.registry import Registry
+    from learner.swap import SwapError, promote
+    from runtime.config import Settings
+    from runtime.engine import ExternalEngine
+
+    settings = Settings.load(env=server.env)
+    good = server.home / "adapters" / "hone-v1"
+    wrong = server.home / "adapters" / "hone-wrong"
+    shutil.copytree(good, wrong)
+    # Same probe record (what "hone-v1" was trained to give), different weights: what a stale or
+    # mixed-up file on disk looks like. Scale every lora_B so the served log-probs move.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(wrong / "adapter_model.safetensors"))
+    save_file({k: (v * 8 if "lora_B" in k else v) for k, v in weights.items()}, str(wrong / "adapter_model.safetensors"))
+    registry = Registry(settings.db_path)
+    registry.add_adapter("hone-wrong", wrong, parent=None, cycle_id=None, train={})
+    engine_url = json.loads((server.home / "run" / "engine.json").read_text())["url"]
+
+    async def swap() -> None:
+        engine = ExternalEngine(engine_url)
+        try:
+            await promote(engine, registry, "hone-wrong", tolerance=settings.swap_tolerance, keep=2)
+        finally:
+            await engine.stop()
+
+    with pytest.raises(SwapError, match="does not serve the trained"):
+        asyncio.run(swap())
+    assert registry.active()[0] == "hone-v1"  # nothing switched
+    registry.close()
+
+
+def test_corrupt_adapter_is_refused(server) -> None:
+    from learner.probe import check_adapter_files
+
+    bad = server.home / "adapters" / "hone-corrupt"
+    shutil.copytree(server.home / "adapters" / "hone-v1", bad)
+    data = (bad / "adapter_model.safetensors").read_bytes()
+    (bad / "adapter_model.safetensors").write_bytes(data[: len(data) // 3])
+    assert check_adapter_files(bad) is not None
+    engine_url = json.loads((server.home / "run" / "engine.json").read_text())["url"]
+    r = httpx.post(engine_url + "/v1/load_lora_adapter", json={"lora_name": "hone-corrupt", "lora_path": str(bad)},
+                   timeout=120)
+    assert r.status_code != 200  # vLLM refuses it too; the gate records the reason (tests/test_cycle.py)
+    assert httpx.post(server.url + "/v1/runs", json={"input": "What is 2 + 2?"}, timeout=300).status_code == 200
+
+
+def test_learner_crash_leaves_serving_up_and_the_cycle_is_marked_failed(server) -> None:
+    r = httpx.post(server.url + "/v1/learner/cycles", timeout=30)
+    assert r.status_code == 202, r.text
+    cycle_id = r.json()["cycle"]["id"]
+    pid = r.json()["learner"]["pid"]
+    assert pid, r.json()
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the background learner has picked it up
+        c = httpx.get(f"{server.url}/v1/learner/cycles/{cycle_id}", timeout=30).json()
+        if c["state"] == "running":
+            break
+        time.sleep(0.5)
+    assert c["state"] == "running", c
+    os.killpg(pid, signal.SIGKILL)
+    assert httpx.post(server.url + "/v1/runs", json={"input": "What is 3 + 4?"}, timeout=300).status_code == 200
+    deadline = time.time() + 120
+    while time.time() < deadline:  # the server restarts the learner, which marks the cycle failed
+        c = httpx.get(f"{server.url}/v1/learner/cycles/{cycle_id}", timeout=30).json()
+        info = cycles(server)["learner"]
+        if c["state"] == "failed" and info["pid"] and info["pid"] != pid:
+            break
+        time.sleep(1)
+    assert c["state"] == "failed" and "died" in c["error"], c
+    assert info["restarts"] >= 1 and info["pid"] != pid
+
+
+def test_rollback_restores_the_previous_adapter_in_one_call(server) -> None:
+    before = httpx.get(server.url + "/v1/adapters", timeout=30).json()
+    assert before["active"] == "hone-v1"
+    r = httpx.post(server.url + "/v1/adapters/rollback", timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["from"] == "hone-v1" and r.json()["to"] is None
+    assert post_run(server, input="What is 5 + 6?")["adapter"] is None
+    again = httpx.post(server.url + "/v1/adapters/rollback", timeout=120)
+    assert again.status_code == 409 and "nothing to roll back" in again.json()["error"]["message"]
