@@ -1,0 +1,62 @@
+"""The DPO objective for whole trajectories, and the log-probs it needs.
+
+Rafailov et al. 2023, eq. 7, with an optional NLL term on the chosen sequence (RPO, Pang et al. 2024):
+
+    loss = -log sigmoid( beta * [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
+           + nll_weight * NLL_pi(y_w|x)
+
+Here y is every token the model generated across all the trajectory's turns, and x is all the rest
+(system prompt, user, tool results): the mask decides which is which. Tool outputs are context the
+model never produced, so they get no gradient and no say in the reward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    reference_chosen: torch.Tensor,
+    reference_rejected: torch.Tensor,
+    beta: float,
+    *,
+    policy_chosen_nll: torch.Tensor | None = None,
+    nll_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and the implicit rewards. Inputs are summed log-probs, shape (batch,)."""
+    policy_logratios = policy_chosen - policy_rejected
+    reference_logratios = reference_chosen - reference_rejected
+    losses = -F.logsigmoid(beta * (policy_logratios - reference_logratios))
+    if nll_weight and policy_chosen_nll is not None:
+        losses = losses + nll_weight * policy_chosen_nll
+    chosen_rewards = beta * (policy_chosen - reference_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - reference_rejected).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers *ForCausalLM under a peft wrapper (LoRA layers are injected in place)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def sequence_logps(
+    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log p(token) over the masked-in tokens of each row, and how many there were.
+
+    The decoder runs over the whole sequence (the context must be attended to), but the vocabulary
+    projection and log-softmax run only at the positions whose *next* token is generated: for an
+    agent trajectory that is a few hundred of a few thousand positions, and the projection onto a
+    49k vocabulary is most of the memory of a naive forward.
+    """
+    lm = _causal_lm(model)
+    hidden = lm.model(input_ids=ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    targets = mask[:, 1:].bool()  # position t predicts token t+1
+    rows, cols = targets.nonzero(as_tuple=True)
+    logits = lm.lm_head(hidden[:, :-1][rows, cols]).float()  # (N, V), N = generated tokens in the batch
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:][rows, cols].unsqueeze(-1)).squeeze(-1)
+    sums = torch.zeros(ids.shape[0], dtype=token_logps.dtype, device=ids.device).index_add(0, rows, token_logps)
+    return sums, targets.sum(dim=1)

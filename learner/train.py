@@ -1,0 +1,240 @@
+"""Train one LoRA adapter with trajectory-level DPO. Reads top to bottom, settings in TrainConfig.
+
+    policy    = base model (fp32) + LoRA; warm-started from the promoted parent when there is one
+    reference = the same model with the adapter disabled, i.e. the base (see learner/cycle.py for why)
+    data      = Pair(chosen, rejected) token sequences; the mask selects model-generated tokens
+
+Costs, on a CPU: the reference log-probs are computed once per pair before training (not once per
+epoch), the vocabulary projection runs only at generated positions (learner/dpo.py), and each pair
+is one forward of two rows, so no compute goes to padding across pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .dpo import dpo_loss, sequence_logps
+from .probe import probe_ids as default_probe_ids
+from .probe import probe_logprobs
+from .types import Pair, TokenSequence
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    beta: float = 0.1
+    lr: float = 5e-5
+    epochs: int = 2
+    batch_size: int = 4  # pairs per optimizer step
+    max_length: int = 2048  # pairs with a longer sequence are skipped and counted, never truncated
+    nll_weight: float = 0.0  # RPO: + nll_weight * per-token NLL of the chosen sequence
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    bf16_autocast: bool | None = None  # None = on where the CPU has native bf16 (AVX512-BF16 / AMX)
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    path: Path
+    metrics: dict[str, Any]
+    counts: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    if cfg.bf16_autocast is not None:
+        return cfg.bf16_autocast
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _rows(*seqs: TokenSequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, generated-mask, attention-mask for sequences right-padded to the longest."""
+    width = max(len(s.ids) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    attention = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        n = len(s.ids)
+        ids[i, :n] = torch.tensor(s.ids)
+        mask[i, :n] = torch.tensor(s.mask)
+        attention[i, :n] = 1
+    return ids, mask, attention
+
+
+def _load_policy(model_dir: str | Path, cfg: TrainConfig, parent_adapter: str | Path | None):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    base.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if parent_adapter is not None:  # keeps the parent's rank and targets: the adapter continues, it is not re-shaped
+        return PeftModel.from_pretrained(base, str(parent_adapter), is_trainable=True)
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(base, lora)
+
+
+def train_adapter(
+    model_dir: str | Path,
+    pairs: Sequence[Pair],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    parent_adapter: str | Path | None = None,
+    progress: bool = True,
+    probe_ids: list[int] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise TrainingError(f"{out_dir} already exists: adapter versions are never overwritten")
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    bf16 = _use_bf16(cfg)
+
+    usable = [p for p in pairs if max(len(p.chosen.ids), len(p.rejected.ids)) <= cfg.max_length]
+    counts: dict[str, Any] = {"pairs_in": len(pairs), "pairs_used": len(usable),
+                              "skipped_too_long": len(pairs) - len(usable),
+                              "generated_tokens": sum(p.chosen.n_generated + p.rejected.n_generated for p in usable),
+                              "total_tokens": sum(len(p.chosen.ids) + len(p.rejected.ids) for p in usable)}
+    if not usable:
+        raise TrainingError(f"no pair fits max_length={cfg.max_length} (of {len(pairs)})")
+
+    t0 = time.perf_counter()
+    model = _load_policy(model_dir, cfg, parent_adapter)
+    probe = list(probe_ids) if probe_ids is not None else default_probe_ids(model_dir)
+    timings["load_s"] = time.perf_counter() - t0
+
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+    # Reference log-probs, once per pair: the base model is the adapter switched off.
+    t0 = time.perf_counter()
+    model.eval()
+    reference: list[torch.Tensor] = []
+    with model.disable_adapter():
+        base_probe = probe_logprobs(model, probe)  # fp32, as the trained probe below
+    with torch.no_grad(), model.disable_adapter(), autocast():
+        for p in usable:
+            logps, _ = sequence_logps(model, *_rows(p.chosen, p.rejected))
+            reference.append(logps.float())
+    timings["reference_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    order = list(range(len(usable)))
+    steps_per_epoch = -(-len(usable) // cfg.batch_size)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="dpo", unit="step", dynamic_ncols=True)
+    history: list[dict[str, float]] = []
+    model.train()
+    for epoch in range(cfg.epochs):
+        random.Random(cfg.seed + epoch).shuffle(order)
+        for start in range(0, len(order), cfg.batch_size):
+            batch = order[start : start + cfg.batch_size]
+            stats = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+            for i in batch:  # gradient accumulation: one pair (two rows) per forward
+                pair = usable[i]
+                with autocast():
+                    logps, n_tokens = sequence_logps(model, *_rows(pair.chosen, pair.rejected))
+                logps = logps.float()
+                nll = -logps[0] / n_tokens[0]
+                losses, chosen_r, rejected_r = dpo_loss(logps[0:1], logps[1:2], reference[i][0:1], reference[i][1:2],
+                                                        cfg.beta, policy_chosen_nll=nll, nll_weight=cfg.nll_weight)
+                loss = losses.mean()
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, pair {i}: {loss.item()}")
+                (loss / len(batch)).backward()
+                stats["loss"] += loss.item() / len(batch)
+                stats["margin"] += (chosen_r - rejected_r).item() / len(batch)
+                stats["accuracy"] += float((chosen_r > rejected_r).item()) / len(batch)
+                stats["chosen_reward"] += chosen_r.item() / len(batch)
+                stats["rejected_reward"] += rejected_r.item() / len(batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                raise TrainingError(f"non-finite gradient at epoch {epoch + 1}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats.update(epoch=epoch + 1, step=len(history) + 1, grad_norm=float(grad_norm))
+            history.append(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}", margin=f"{stats['margin']:.3f}",
+                                acc=f"{stats['accuracy']:.2f}")
+            if on_step is not None:
+                on_step({"step": len(history), "of": cfg.epochs * steps_per_epoch, "loss": round(stats["loss"], 4),
+                         "margin": round(stats["margin"], 4), "accuracy": round(stats["accuracy"], 3)})
+    if bar is not None:
+        bar.close()
+    timings["train_s"] = time.perf_counter() - t0
+
+    # Save next to the destination, then rename: a reader never sees a half-written adapter.
+    t0 = time.perf_counter()
+    model.eval()
+    trained_probe = probe_logprobs(model, probe)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(tmp))
+    last_epoch = [h for h in history if h["epoch"] == cfg.epochs]
+    metrics = {
+        "steps": len(history),
+        "loss_first": round(history[0]["loss"], 5),
+        "loss_last_epoch": round(_mean(last_epoch, "loss"), 5),
+        "accuracy_last_epoch": round(_mean(last_epoch, "accuracy"), 4),
+        "margin_last_epoch": round(_mean(last_epoch, "margin"), 5),
+        "chosen_reward_last_epoch": round(_mean(last_epoch, "chosen_reward"), 5),
+        "rejected_reward_last_epoch": round(_mean(last_epoch, "rejected_reward"), 5),
+        "pairs_per_s": round(len(usable) * cfg.epochs / max(timings["train_s"], 1e-9), 4),
+        "bf16_autocast": bf16,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    timings["save_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+    timings = {k: round(v, 3) for k, v in timings.items()}
+    meta = {
+        "format": 1, "parent": str(parent_adapter) if parent_adapter else None, "base_model": str(model_dir),
+        "reference": "base (adapter disabled)", "config": asdict(cfg), "counts": counts, "metrics": metrics,
+        "timings": timings, "history": history,
+        "probe": {"ids": probe, "logprobs": trained_probe, "base_logprobs": base_probe},
+    }
+    (tmp / "hone-adapter.json").write_text(json.dumps(meta, indent=1))
+    os.rename(tmp, out_dir)
+    return TrainResult(out_dir, metrics, counts, timings)
+
+
+def _mean(rows: list[dict[str, float]], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows) if rows else float("nan")

@@ -1,0 +1,255 @@
+"""learner.dpo, learner.train, learner.probe: the loss, the masking, the adapter files, and a short
+real training run on the prepared SmolLM2 (CPU, about 30 s)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from learner.dpo import dpo_loss, sequence_logps
+from learner.probe import check_adapter_files, probe_adapter, probe_ids
+from learner.train import TrainConfig, TrainingError, train_adapter
+from learner.types import Pair, TokenSequence
+from tests.test_model import needs_gguf
+
+# --- the loss ----------------------------------------------------------------------------------
+
+
+def test_dpo_loss_matches_hand_computed_values() -> None:
+    # logits = (pc - pr) - (rc - rr) = (-1 + 3) - (-2 + 2) = 2;  loss = -log sigmoid(0.1 * 2) = log(1 + e^-0.2)
+    losses, chosen, rejected = dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]),
+                                        torch.tensor([-2.0]), beta=0.1)
+    assert losses.item() == pytest.approx(0.598138, abs=1e-6)
+    assert losses.item() == pytest.approx(math.log1p(math.exp(-0.2)), abs=1e-7)
+    assert chosen.item() == pytest.approx(0.1) and rejected.item() == pytest.approx(-0.1)
+
+
+def test_dpo_loss_is_log2_when_policy_equals_reference_and_adds_weighted_nll() -> None:
+    x = torch.tensor([-5.0, -7.0])
+    losses, chosen, rejected = dpo_loss(x, x - 1, x, x - 1, beta=0.5)
+    assert torch.allclose(losses, torch.full((2,), math.log(2)))
+    assert torch.equal(chosen, torch.zeros(2)) and torch.equal(rejected, torch.zeros(2))
+    with_nll, _, _ = dpo_loss(x, x - 1, x, x - 1, beta=0.5, policy_chosen_nll=torch.tensor([2.0, 4.0]), nll_weight=0.25)
+    assert torch.allclose(with_nll, losses + torch.tensor([0.5, 1.0]))
+
+
+def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down() -> None:
+    pc, pr = torch.tensor([-4.0], requires_grad=True), torch.tensor([-4.0], requires_grad=True)
+    losses, _, _ = dpo_loss(pc, pr, torch.tensor([-4.0]), torch.tensor([-4.0]), beta=0.2)
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(-0.1)  # -beta * sigmoid(0) = -0.1
+    assert pr.grad.item() == pytest.approx(0.1)
+
+
+# --- log-probs at generated positions only -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _naive_logps(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
+    token = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (token * mask[:, 1:]).sum(-1)
+
+
+# prompt (0) | generated (1) | tool output (0) | generated (1) | trailing tool output (0)
+MASK = [0] * 6 + [1] * 4 + [0] * 5 + [1] * 3 + [0] * 4
+
+
+def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (2, len(MASK)), generator=g)
+    mask = torch.tensor([MASK, MASK])
+    return ids, mask, torch.ones_like(ids)
+
+
+def test_sequence_logps_equals_the_naive_full_vocabulary_computation(tiny_model) -> None:
+    ids, mask, attention = _batch()
+    mask[1, 7:10] = 0  # rows may differ in what they generated
+    ours, n = sequence_logps(tiny_model, ids, mask, attention)
+    assert torch.allclose(ours, _naive_logps(tiny_model, ids, mask), atol=1e-5)
+    assert n.tolist() == [7, 4]
+
+
+def test_right_padding_does_not_change_a_rows_logps(tiny_model) -> None:
+    ids, mask, attention = _batch()
+    short, _ = sequence_logps(tiny_model, ids[:1, :18], mask[:1, :18], attention[:1, :18])
+    padded_ids, padded_mask, padded_attention = ids.clone(), mask.clone(), attention.clone()
+    padded_ids[0, 18:], padded_mask[0, 18:], padded_attention[0, 18:] = 0, 0, 0
+    padded, _ = sequence_logps(tiny_model, padded_ids, padded_mask, padded_attention)
+    assert padded[0].item() == pytest.approx(short[0].item(), abs=1e-5)
+
+
+def _loss_and_grads(model, ids, mask, attention):
+    model.zero_grad()
+    logps, _ = sequence_logps(model, ids, mask, attention)
+    loss, _, _ = dpo_loss(logps[:1], logps[1:], torch.tensor([-60.0]), torch.tensor([-61.0]), beta=0.1)
+    loss.sum().backward()
+    return loss.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def test_tool_output_tokens_change_neither_loss_nor_gradients(tiny_model) -> None:
+    """Tool output the model did not write is context: swapping its tokens for others must not move the
+    loss or any gradient. (Here: the trailing observation, which no generated token attends to.)"""
+    ids, mask, attention = _batch()
+    loss_a, grads_a = _loss_and_grads(tiny_model, ids, mask, attention)
+    changed = ids.clone()
+    changed[:, -4:] = (changed[:, -4:] + 11) % 97
+    loss_b, grads_b = _loss_and_grads(tiny_model, changed, mask, attention)
+    assert loss_a == loss_b
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+    # the same edit with the mask ignored (as a trainer without an assistant mask does) does move it
+    ones = torch.ones_like(mask)
+    ones[:, 0] = 0
+    assert _loss_and_grads(tiny_model, ids, ones, attention)[0] != _loss_and_grads(tiny_model, changed, ones, attention)[0]
+
+
+def test_no_gradient_reaches_the_positions_that_predict_tool_output(tiny_model) -> None:
+    """A middle observation changes what later tokens are conditioned on (that is its job), but the
+    model is never trained to predict it: the loss has no term at those positions."""
+    ids, mask, attention = _batch()
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        output.last_hidden_state.retain_grad()
+        captured["h"] = output.last_hidden_state
+
+    handle = tiny_model.model.register_forward_hook(keep)
+    try:
+        _loss_and_grads(tiny_model, ids, mask, attention)
+    finally:
+        handle.remove()
+    per_position = captured["h"].grad.abs().sum(-1)[0]  # (T,)
+    predicts_generated = torch.tensor(MASK[1:] + [0]).bool()
+    assert (per_position[~predicts_generated] == 0).all()
+    assert (per_position[predicts_generated] > 0).all()
+
+
+# --- adapter files -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def adapter_dir(tmp_path: Path, tiny_model) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(str(out))
+    peft_model.unload()  # leave the shared tiny model as it was
+    return out
+
+
+def _edit_weights(d: Path, fn) -> None:
+    path = d / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    fn(tensors)
+    save_file(tensors, str(path))
+
+
+def test_a_real_adapter_passes_the_file_check(adapter_dir: Path) -> None:
+    assert check_adapter_files(adapter_dir) is None
+    assert "exceeds" in check_adapter_files(adapter_dir, max_rank=2)
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda d: (d / "adapter_config.json").unlink(), "missing adapter_config.json"),
+        (lambda d: (d / "adapter_model.safetensors").unlink(), "missing adapter_model.safetensors"),
+        (lambda d: (d / "adapter_config.json").write_text("{not json"), "unreadable"),
+        (lambda d: (d / "adapter_model.safetensors").write_bytes(
+            (d / "adapter_model.safetensors").read_bytes()[:300]), "corrupt"),
+        (lambda d: (d / "adapter_model.safetensors").write_bytes(b"\x00" * 64), "corrupt"),
+        (lambda d: _edit_weights(d, lambda t: next(v for k, v in t.items() if "lora_B" in k).fill_(float("nan"))),
+         "NaN"),
+        (lambda d: _edit_weights(d, lambda t: next(v for k, v in t.items() if "lora_A" in k).mul_(1e6)), "magnitude"),
+        (lambda d: (d / "adapter_config.json").write_text(
+            json.dumps({**json.loads((d / "adapter_config.json").read_text()), "r": 8})), "rank"),
+        (lambda d: save_file({"x": torch.zeros(2)}, str(d / "adapter_model.safetensors")), "no LoRA weights"),
+    ],
+)
+def test_broken_adapters_are_refused_with_a_reason(adapter_dir: Path, damage, reason: str) -> None:
+    damage(adapter_dir)
+    got = check_adapter_files(adapter_dir)
+    assert got is not None and reason in got
+
+
+# --- real training on SmolLM2 ------------------------------------------------------------------
+
+
+def _real_pairs(model_dir: Path) -> list[Pair]:
+    """Two tasks, each with a correct (chosen) and a wrong (rejected) tool call, rendered as served."""
+    from runtime.model import split_last_turn
+    from tools.specs import TOOL_SPECS
+
+    def seq(question: str, expression: str) -> TokenSequence:
+        messages = [{"role": "user", "content": question},
+                    {"role": "assistant", "content": "", "tool_calls": [
+                        {"type": "function", "function": {"name": "calculator",
+                                                          "arguments": {"expression": expression}}}]}]
+        prompt, completion = split_last_turn(messages, TOOL_SPECS[:1], model_dir)
+        return TokenSequence(tuple(prompt + completion), tuple([0] * len(prompt) + [1] * len(completion)))
+
+    return [Pair(seq("Tom has 3 apples and buys 4 more. How many?", "3 + 4"),
+                 seq("Tom has 3 apples and buys 4 more. How many?", "3 - 4"), "apples"),
+            Pair(seq("A box holds 6 rows of 5 eggs. How many eggs?", "6 * 5"),
+                 seq("A box holds 6 rows of 5 eggs. How many eggs?", "6 + 5"), "eggs")]
+
+
+@needs_gguf
+def test_training_produces_a_loadable_adapter_that_prefers_chosen(tmp_path: Path) -> None:
+    from tests.integration_support import prepared_model
+
+    model_dir = prepared_model()
+    pairs = _real_pairs(model_dir)
+    cfg = TrainConfig(lr=2e-3, epochs=3, batch_size=2, lora_rank=4, lora_alpha=8, threads=2, seed=1)
+    steps = []
+    result = train_adapter(model_dir, pairs, cfg, tmp_path / "hone-v1", progress=False, on_step=steps.append)
+
+    assert result.path == tmp_path / "hone-v1" and check_adapter_files(result.path, max_rank=16) is None
+    assert not list(tmp_path.glob(".hone-v1.tmp-*")), "the temporary directory was left behind"
+    assert [s["step"] for s in steps] == [1, 2, 3] and steps[-1]["of"] == 3
+    assert result.metrics["loss_first"] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
+    assert result.metrics["loss_last_epoch"] < result.metrics["loss_first"]
+    assert result.metrics["accuracy_last_epoch"] == 1.0
+    assert result.counts == {"pairs_in": 2, "pairs_used": 2, "skipped_too_long": 0,
+                             "generated_tokens": sum(p.chosen.n_generated + p.rejected.n_generated for p in pairs),
+                             "total_tokens": sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs)}
+
+    meta = json.loads((result.path / "hone-adapter.json").read_text())
+    assert meta["parent"] is None and meta["config"]["lora_rank"] == 4 and meta["reference"].startswith("base")
+    probe = meta["probe"]
+    assert probe["ids"] == probe_ids(model_dir) and len(probe["logprobs"]) == len(probe["ids"]) - 1
+    # what was saved is what was trained: reloading it from disk reproduces the recorded probe
+    reloaded = probe_adapter(model_dir, result.path, probe["ids"])
+    assert max(abs(a - b) for a, b in zip(reloaded, probe["logprobs"])) < 1e-4
+    assert max(abs(a - b) for a, b in zip(probe["base_logprobs"], probe["logprobs"])) > 1e-3
+
+    # a child warm-starts from the parent; the reference stays the base, so it starts off log 2
+    child = train_adapter(model_dir, pairs[:1], TrainConfig(lr=1e-4, epochs=1, batch_size=1, threads=2), tmp_path / "hone-v2",
+                          parent_adapter=result.path, progress=False)
+    child_meta = json.loads((child.path / "hone-adapter.json").read_text())
+    assert child_meta["parent"] == str(result.path)
+    assert child.metrics["loss_first"] < math.log(2) - 0.01
+    assert json.loads((child.path / "adapter_config.json").read_text())["r"] == 4  # the parent's shape
+
+    with pytest.raises(TrainingError, match="already exists"):
+        train_adapter(model_dir, pairs, cfg, result.path, progress=False)
+    with pytest.raises(TrainingError, match="max_length"):
+        train_adapter(model_dir, pairs, TrainConfig(max_length=10), tmp_path / "hone-v3", progress=False)
