@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,8 +25,8 @@ from runtime.model import ensure_model
 from runtime.store import TrajectoryStore
 
 from . import explore as exploration
-from .gate import run_gate
-from .labels import label_all
+from .gate import check_candidate, run_gate
+from .labels import label_all, label_totals
 from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_tasks
 from .registry import Registry
 from .runner import AgentRunner, adapter_path
@@ -39,12 +40,14 @@ Say = Callable[[str], None]
 def train_config(settings: Settings):
     from .train import TrainConfig
 
-    threads = settings.learner_threads or max(1, (__import__("os").cpu_count() or 2) // 2)
+    threads = settings.learner_threads or max(1, (os.cpu_count() or 2) // 2)
     return TrainConfig(
         beta=settings.dpo_beta, lr=settings.dpo_lr, epochs=settings.dpo_epochs, batch_size=settings.dpo_batch_size,
         max_length=settings.dpo_max_length, nll_weight=settings.dpo_nll_weight, lora_rank=settings.lora_rank,
         lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, target_modules=settings.target_modules,
         seed=settings.train_seed, threads=threads,
+        bf16_autocast={"auto": None, "bf16": True, "fp32": False}[settings.dpo_autocast],
+        gradient_checkpointing=settings.dpo_gradient_checkpointing,
     )
 
 
@@ -79,7 +82,9 @@ class Cycle:
     async def run(self) -> str:
         s, registry = self.s, self.registry
         with self.phase("label"):
-            self.counts["labels"] = await asyncio.to_thread(label_all, registry)
+            self.counts["labels"] = await asyncio.to_thread(label_all, registry)  # new since the last pass
+            with registry.locked() as db:
+                self.counts["labelled"] = label_totals(db)
 
         with self.phase("collect"):
             groups = self.collect()
@@ -122,20 +127,15 @@ class Cycle:
             result = await asyncio.to_thread(
                 train_adapter, model_dir, built.pairs, train_config(s), out_dir,
                 parent_adapter=parent_dir, progress=self.progress,
+                on_step=lambda step: registry.update_cycle(self.id, progress=step),
             )
             registry.add_adapter(version, out_dir, parent=active, cycle_id=self.id,
-                                 train={"metrics": result.metrics, "counts": result.counts})
+                                 train={"metrics": result.metrics, "counts": result.counts,
+                                        "timings": result.timings})
             registry.update_cycle(self.id, candidate=version)
 
         with self.phase("check"):
-            from .probe import check_adapter_files
-
-            reason = check_adapter_files(out_dir)
-            if reason is None:
-                try:
-                    await self.runner.engine.load_adapter(version, out_dir)
-                except Exception as e:
-                    reason = f"vLLM could not load it: {e}"
+            reason = await check_candidate(self.runner.engine, version, out_dir, max_rank=s.vllm_max_lora_rank)
             if reason is not None:
                 registry.update_adapter(version, status="rejected", reason=reason)
                 return self.finish("rejected", error=f"candidate {version} rejected: {reason}")

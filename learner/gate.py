@@ -7,10 +7,27 @@ from the held-out split of logged traffic plus an optional task file (`gate_task
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from runtime.engine import Engine
+
+from .probe import check_adapter_files
 from .runner import AgentRunner
 from .tasks import Task
+
+
+async def check_candidate(engine: Engine, version: str, path: str | Path, *, max_rank: int | None = None) -> str | None:
+    """Why the candidate must not serve (NaN, corrupt, garbage, or vLLM refuses it), or None once it is
+    loaded under its own name, ready for the gate."""
+    reason = check_adapter_files(path, max_rank=max_rank)
+    if reason is not None:
+        return reason
+    try:
+        await engine.load_adapter(version, path)
+    except Exception as e:
+        return f"vLLM could not load it: {e}"
+    return None
 
 
 async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, current: str | None,

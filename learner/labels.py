@@ -95,6 +95,15 @@ def apply_labels(db: sqlite_utils.Database, *, batch: int = 500) -> dict[str, in
             return counts
 
 
+def label_totals(db: sqlite_utils.Database) -> dict[str, dict[str, int]]:
+    """How many finished runs carry each label, by where the label came from: {"success": {"feedback": 3}}."""
+    totals: dict[str, dict[str, int]] = {SUCCESS: {}, FAILURE: {}}
+    for label, source, n in db.execute("SELECT label, label_source, COUNT(*) FROM trajectories "
+                                       "WHERE label IS NOT NULL GROUP BY label, label_source").fetchall():
+        totals.setdefault(label, {})[source] = n
+    return totals
+
+
 def label_all(registry) -> dict[str, int]:
     """apply_labels on a Registry's connection, holding its lock."""
     with registry.locked() as db:

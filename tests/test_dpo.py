@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from learner.dpo import dpo_loss, sequence_logps
-from learner.probe import check_adapter_files, probe_adapter, probe_ids
+from learner.probe import check_adapter_files, probe_adapter, probe_prompt_ids
 from learner.train import TrainConfig, TrainingError, train_adapter
 from learner.types import Pair, TokenSequence
 from tests.test_model import needs_gguf
@@ -235,10 +235,14 @@ def test_training_produces_a_loadable_adapter_that_prefers_chosen(tmp_path: Path
     meta = json.loads((result.path / "hone-adapter.json").read_text())
     assert meta["parent"] is None and meta["config"]["lora_rank"] == 4 and meta["reference"].startswith("base")
     probe = meta["probe"]
-    assert probe["ids"] == probe_ids(model_dir) and len(probe["logprobs"]) == len(probe["ids"]) - 1
+    assert probe["prompt_ids"] == probe_prompt_ids(model_dir)
+    assert 0 < len(probe["tokens"]) == len(probe["logprobs"]) == len(probe["base_logprobs"]) == len(probe["margins"]) <= 24
+    assert all(m >= 0 for m in probe["margins"]) and all(lp <= 0 for lp in probe["logprobs"])
     # what was saved is what was trained: reloading it from disk reproduces the recorded probe
-    reloaded = probe_adapter(model_dir, result.path, probe["ids"])
+    reloaded = probe_adapter(model_dir, result.path, probe["prompt_ids"], probe["tokens"])
     assert max(abs(a - b) for a, b in zip(reloaded, probe["logprobs"])) < 1e-4
+    base = probe_adapter(model_dir, None, probe["prompt_ids"], probe["tokens"])
+    assert max(abs(a - b) for a, b in zip(base, probe["base_logprobs"])) < 1e-4
     assert max(abs(a - b) for a, b in zip(probe["base_logprobs"], probe["logprobs"])) > 1e-3
 
     # a child warm-starts from the parent; the reference stays the base, so it starts off log 2
