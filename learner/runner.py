@@ -74,21 +74,36 @@ class AgentRunner:
 
     async def attempt(self, task: Task, *, source: str, namespace: str, adapter: str | None,
                       temperature: float, extra_metadata: dict[str, Any] | None = None) -> Attempt:
-        """One run of `task`; engine outages raise (a cycle must not mistake them for model failures)."""
-        req = RunRequest(
-            messages=from_openai([dict(m) for m in task.messages]), caller="learner",
-            request_body={"messages": list(task.messages), "source": source},
-            metadata=task.run_metadata(**(extra_metadata or {})), source=source, namespace=namespace,
-            adapter=adapter, temperature=temperature,
-        )
-        try:
-            result = await self.service.run(req)
-        except RunFailed as e:
-            if e.kind in ("engine_unavailable", "timeout", "internal"):
-                raise
-            return Attempt(task, e.trajectory_id, "engine_error", "", False, 0)
-        ok = result.status not in FAILURE_STATUSES and check_answer(result.answer, task.expected, task.check)
-        return Attempt(task, result.trajectory_id, result.status, result.answer, ok, result.n_steps)
+        """One run of `task` (each turn of a multi-turn task, in `namespace`); engine outages raise
+        (a cycle must not mistake them for model failures)."""
+        steps = 0
+        history: list[dict[str, Any]] = []
+        turns = [(list(task.messages), True)] if not task.turns else [
+            ([{"role": "user", "content": t.content}], i == len(task.turns) - 1) for i, t in enumerate(task.turns)]
+        for i, (messages, last) in enumerate(turns):
+            if task.turns and task.turns[i].new_thread:
+                history = []
+            metadata = task.run_metadata(**(extra_metadata or {}))
+            if not last:  # earlier turns are not checked, and must not group with the checked one
+                metadata = {k: v for k, v in metadata.items() if k not in ("expected_answer", "check")}
+                metadata.update(task_id=f"{task.key}#turn{i}", turn=i)
+            req = RunRequest(
+                messages=from_openai(history + messages), caller="learner",
+                request_body={"messages": history + messages, "source": source},
+                metadata=metadata, source=source, namespace=namespace, adapter=adapter, temperature=temperature,
+            )
+            try:
+                result = await self.service.run(req)
+            except RunFailed as e:
+                if e.kind in ("engine_unavailable", "timeout", "internal"):
+                    raise
+                return Attempt(task, e.trajectory_id, "engine_error", "", False, steps)
+            steps += result.n_steps
+            history = history + messages + [{"role": "assistant", "content": result.answer}]
+            if result.status in FAILURE_STATUSES:
+                return Attempt(task, result.trajectory_id, result.status, result.answer, False, steps)
+        ok = check_answer(result.answer, task.expected, task.check)
+        return Attempt(task, result.trajectory_id, result.status, result.answer, ok, steps)
 
     async def attempt_all(self, jobs: Sequence[dict[str, Any]], *, on_done=None) -> list[Attempt]:
         sem = asyncio.Semaphore(self.settings.explore_concurrency)

@@ -1,5 +1,12 @@
 """Tasks: something the agent can be asked again and checked. They come from logged traffic (a
-stateless run whose metadata carries `expected_answer`) or from a JSONL file of held-out tasks.
+stateless run whose metadata carries `expected_answer`) or from a JSONL task file (docs/tasks.md):
+
+    {"id", "question", "answer", "check"?, "type"?}                                   single-turn
+    {"id", "turns": [{"content", "new_thread"?}, ...], "answer", "check"?, "type"?}    multi-turn
+
+A multi-turn task's turns share one storage namespace; a turn with `new_thread: true` starts a new
+conversation (no history), so what it needs from earlier turns must come from storage. The answer
+is checked against the final reply of the last turn.
 
 A task's key groups attempts at the same task: its `task_id` when the caller gave one, else the
 normalized request (`request_key`: the user turns, lower-cased, whitespace collapsed, hashed). The
@@ -23,12 +30,24 @@ class TaskFileError(ValueError):
 
 
 @dataclass(frozen=True)
+class Turn:
+    content: str
+    new_thread: bool = False
+
+
+@dataclass(frozen=True)
 class Task:
     key: str
-    messages: tuple[dict[str, Any], ...]  # OpenAI-format input, as the user sent it
+    messages: tuple[dict[str, Any], ...]  # OpenAI-format input, as the user sent it (empty if multi-turn)
     expected: Any
     check: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    turns: tuple[Turn, ...] = ()  # multi-turn tasks: the user's turns, in order
+    group: str | None = field(default=None, compare=False)  # for breakdowns: the file's "type" or "source"
+
+    @property
+    def id(self) -> str:
+        return self.key.removeprefix("file:")
 
     def run_metadata(self, **extra: Any) -> dict[str, Any]:
         """Metadata for a re-run: same task id and expected answer, so it groups and labels alike."""
@@ -89,7 +108,8 @@ def _checkable(expected: Any, check: str) -> bool:
 
 
 def load_task_file(path: str | Path) -> list[Task]:
-    """Single-turn tasks, one JSON object per line: {"id", "question", "answer"} (+ optional "check")."""
+    """Tasks from a JSONL file (single- or multi-turn, see the module docstring); TaskFileError names
+    the file and line of the first unusable one."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -104,21 +124,55 @@ def load_task_file(path: str | Path) -> list[Task]:
             obj = json.loads(line)
         except ValueError as e:
             raise TaskFileError(f"{where}: not valid JSON: {e}") from None
-        if not isinstance(obj, dict):
-            raise TaskFileError(f"{where}: expected a JSON object")
-        missing = [k for k in ("id", "question", "answer") if k not in obj]
-        if missing:
-            raise TaskFileError(f"{where}: missing {', '.join(missing)}")
-        if not isinstance(obj["question"], str) or not obj["question"].strip():
-            raise TaskFileError(f"{where}: question must be a non-empty string")
-        check = obj.get("check") or default_check(obj["answer"])
-        if check not in CHECKS:
-            raise TaskFileError(f"{where}: check must be one of {', '.join(CHECKS)}")
-        if not _checkable(obj["answer"], check):
-            raise TaskFileError(f"{where}: answer {obj['answer']!r} cannot be checked with {check!r}")
-        key = f"file:{obj['id']}"
-        if key in seen:
+        try:
+            task = parse_task(obj)
+        except TaskFileError as e:
+            raise TaskFileError(f"{where}: {e}") from None
+        if task.key in seen:
             raise TaskFileError(f"{where}: duplicate id {obj['id']!r}")
-        seen.add(key)
-        tasks.append(Task(key, ({"role": "user", "content": obj["question"]},), obj["answer"], check))
+        seen.add(task.key)
+        tasks.append(task)
+    if not tasks:
+        raise TaskFileError(f"{path}: no tasks in the file")
     return tasks
+
+
+def parse_task(obj: Any) -> Task:
+    if not isinstance(obj, dict):
+        raise TaskFileError("expected a JSON object")
+    shape = ("question", "turns")
+    if all(k in obj for k in shape):
+        raise TaskFileError("give either question or turns, not both")
+    body = "turns" if "turns" in obj else "question"
+    missing = [k for k in ("id", body, "answer") if k not in obj]
+    if missing:
+        raise TaskFileError(f"missing {', '.join(missing)}")
+    if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool) or str(obj["id"]).strip() == "":
+        raise TaskFileError("id must be a non-empty string or an integer")
+    check = obj.get("check") or default_check(obj["answer"])
+    if check not in CHECKS:
+        raise TaskFileError(f"check must be one of {', '.join(CHECKS)}")
+    if not _checkable(obj["answer"], check):
+        raise TaskFileError(f"answer {obj['answer']!r} cannot be checked with {check!r}")
+    group = obj.get("type", obj.get("source"))
+    if group is not None and not isinstance(group, str):
+        raise TaskFileError("type must be a string")
+    key = f"file:{obj['id']}"
+    if body == "question":
+        if not isinstance(obj["question"], str) or not obj["question"].strip():
+            raise TaskFileError("question must be a non-empty string")
+        return Task(key, ({"role": "user", "content": obj["question"]},), obj["answer"], check, group=group)
+    turns = obj["turns"]
+    if not isinstance(turns, list) or not turns:
+        raise TaskFileError("turns must be a non-empty list")
+    parsed = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or not isinstance(t.get("content"), str) or not t["content"].strip():
+            raise TaskFileError(f"turns[{i}] must be an object with non-empty content")
+        if not isinstance(t.get("new_thread", False), bool):
+            raise TaskFileError(f"turns[{i}].new_thread must be true or false")
+        unknown = set(t) - {"content", "new_thread"}
+        if unknown:
+            raise TaskFileError(f"turns[{i}] has unknown field(s) {', '.join(sorted(unknown))}")
+        parsed.append(Turn(t["content"], t.get("new_thread", False)))
+    return Task(key, (), obj["answer"], check, turns=tuple(parsed), group=group)

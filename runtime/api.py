@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from . import __version__
 from .auth import Caller, authenticate, require_admin
@@ -45,12 +45,16 @@ class RunBody(BaseModel):
     adapter: str | None = Field(None, description="admin only: serve with this adapter version, or 'base'")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     max_steps: int | None = Field(None, ge=1, le=50)
+    namespace: str | None = Field(None, description="a storage namespace inside the caller's own "
+                                  "('<caller>/<namespace>'), e.g. one per eval task; omitted = the caller's")
+    source: Literal["serve", "eval"] | None = Field(None, description="'eval' marks a measurement run: "
+                                                    "logged and labelled, never trained on")
 
-    @field_validator("thread_id")
+    @field_validator("thread_id", "namespace")
     @classmethod
-    def _thread(cls, v: str | None) -> str | None:
+    def _thread(cls, v: str | None, info: ValidationInfo) -> str | None:
         if v is not None and not _THREAD_ID.match(v):
-            raise ValueError("thread_id must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
+            raise ValueError(f"{info.field_name} must be 1-128 characters of letters, digits, '_', '.', ':' or '-'")
         return v
 
 
@@ -84,7 +88,8 @@ class FeedbackBody(BaseModel):
 
 async def _run(request: Request, caller: Caller, messages: list[dict[str, Any]], body: dict[str, Any], *,
                thread_id: str | None, metadata: dict[str, Any], adapter: str | None = None,
-               temperature: float | None = None, max_steps: int | None = None) -> RunResult:
+               temperature: float | None = None, max_steps: int | None = None, namespace: str | None = None,
+               source: str | None = None) -> RunResult:
     if adapter is not None:
         require_admin(caller)
     try:  # what the log will store: strict JSON (no NaN), valid UTF-8 (no lone surrogates)
@@ -102,7 +107,8 @@ async def _run(request: Request, caller: Caller, messages: list[dict[str, Any]],
     try:
         return await hone.service.run(RunRequest(
             messages=parsed, caller=caller.name, request_body=body, thread_id=thread_id, metadata=metadata,
-            adapter=adapter, temperature=temperature, max_steps=max_steps,
+            adapter=adapter, temperature=temperature, max_steps=max_steps, source=source or "serve",
+            namespace=f"{caller.name}/{namespace}" if namespace else None,
         ))
     except RunFailed as e:
         extra = {"trajectory_id": e.trajectory_id}
@@ -124,11 +130,12 @@ async def create_run(body: RunBody, request: Request) -> dict[str, Any]:
     messages = [{"role": "user", "content": body.input}] if body.input is not None else body.messages or []
     result = await _run(request, caller, messages, body.model_dump(exclude_none=True), thread_id=body.thread_id,
                         metadata=body.metadata, adapter=body.adapter, temperature=body.temperature,
-                        max_steps=body.max_steps)
+                        max_steps=body.max_steps, namespace=body.namespace, source=body.source)
     return {
         "trajectory_id": result.trajectory_id, "status": result.status, "answer": result.answer,
         "thread_id": result.thread_id, "steps": result.n_steps, "model": result.model, "adapter": result.adapter,
-        "latency_ms": round(result.latency_ms, 1), "messages": result.messages,
+        "latency_ms": round(result.latency_ms, 1), "tool_calls": result.tool_calls,
+        "tool_errors": result.tool_errors, "messages": result.messages,
     }
 
 

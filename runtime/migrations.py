@@ -168,5 +168,56 @@ def _m002_learner(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO learner_lease (id) VALUES (1)")
 
 
-MIGRATIONS: tuple[Migration, ...] = (_m001_initial, _m002_learner)
+def _m003_evals(db: sqlite_utils.Database) -> None:
+    """`hone eval` runs: one row per eval, one per task attempted (written as each task finishes)."""
+    db.table("evals").create(
+        {
+            "id": str,
+            "created_at": float,
+            "finished_at": float,
+            "state": str,  # running | done | interrupted | failed
+            "tasks_file": str,
+            "server": str,  # the URL the runs went to
+            "adapter": str,  # what was asked for: a version, 'base', or NULL (whatever serves)
+            "served": str,  # JSON: {adapter or 'base': runs served by it}
+            "n_tasks": int,  # tasks selected (after --limit)
+            "n_done": int,
+            "n_success": int,
+            "success_rate": float,
+            "ci_low": float,  # 95% Wilson interval of the success rate
+            "ci_high": float,
+            "summary": str,  # JSON: breakdown by type, steps, tool-call validity, latency
+            "options": str,  # JSON: limit, concurrency, temperature, max_steps
+            "error": str,
+        },
+        pk="id",
+        not_null={"created_at", "state", "tasks_file"},
+    )
+    db.table("evals").create_index(["created_at"], index_name="idx_evals_created")
+    db.table("eval_results").create(
+        {
+            "eval_id": str,
+            "task_id": str,
+            "task_type": str,
+            "success": int,
+            "status": str,  # the last turn's run status, or 'error' when a request failed
+            "answer": str,
+            "expected": str,  # JSON
+            "check_kind": str,
+            "steps": int,  # model calls over all turns
+            "tool_calls": int,
+            "tool_errors": int,
+            "latency_ms": float,  # all turns
+            "adapter": str,  # what served the last turn
+            "trajectory_ids": str,  # JSON list, one per turn
+            "error": str,
+            "finished_at": float,
+        },
+        pk=("eval_id", "task_id"),
+        not_null={"eval_id", "task_id", "success", "finished_at"},
+        foreign_keys=[("eval_id", "evals", "id")],
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (_m001_initial, _m002_learner, _m003_evals)
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -66,6 +66,8 @@ class RunResult:
     n_steps: int
     latency_ms: float
     messages: list[dict[str, Any]]  # this run's new messages, OpenAI format
+    tool_calls: int = 0  # tool calls the model made in this run
+    tool_errors: int = 0  # of those, the ones whose tool answered with an error (bad arguments, failures)
 
 
 class AgentService:
@@ -197,6 +199,8 @@ class AgentService:
             trajectory_id=traj_id, status=status, answer=answer, thread_id=req.thread_id,
             model=model, adapter=adapter, n_steps=ctx.n_model_calls, latency_ms=latency_ms,
             messages=[to_openai(m) for m in new],
+            tool_calls=sum(len(m.tool_calls) for m in ctx.trace if isinstance(m, AIMessage)),
+            tool_errors=sum(1 for m in ctx.trace if isinstance(m, ToolMessage) and m.status == "error"),
         )
 
 

@@ -67,6 +67,8 @@ def test_chat_completions_engine_down_is_503(client: TestClient) -> None:
     ({"messages": [{"role": "tool", "content": "x"}]}, "tool_call_id"),
     ({"messages": []}, "no messages"),
     ({"input": 5}, "input"),
+    ({"input": "a", "namespace": "../bob"}, "namespace"),
+    ({"input": "a", "source": "exploration"}, "source"),
 ])
 def test_invalid_run_bodies_are_422_with_a_message(client: TestClient, body: dict, fragment: str) -> None:
     r = client.post("/v1/runs", json=body)

@@ -108,6 +108,36 @@ def test_hone_train_runs_a_real_cycle_and_promotes(server) -> None:
     assert len(gated) == 8 and {t["metadata"]["gate_side"] for t in gated} == {"candidate", "current"}
 
 
+def test_hone_eval_after_the_swap_runs_through_the_new_adapter_and_is_stored(server) -> None:
+    """The end of the loop: labels -> pairs -> train -> gate -> swap (above) -> eval, over HTTP."""
+    tasks = server.home / "eval-tasks.jsonl"
+    storage = [json.loads(line) for line in (REPO / "tasks" / "storage.jsonl").read_text().splitlines()[:2]]
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in [*storage, TASKS[0]]))
+    proc = hone(server, "eval", "--tasks", str(tasks), "--concurrency", "3", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout)
+    assert row["state"] == "done" and row["n_tasks"] == row["n_done"] == 3 and row["adapter"] is None
+    assert row["served"] == {"hone-v1": 3} or row["summary"]["request_errors"] > 0, row
+    summary = row["summary"]
+    assert set(summary["by_type"]) == {"storage", TASKS[0].get("source", "default")}
+    assert 0 <= summary["rate"] <= 1 and summary["ci95"][0] <= summary["rate"] <= summary["ci95"][1]
+    by_id = {r["task_id"]: r for r in row["results"]}
+    for task in storage:  # every turn that ran is a logged eval run in the task's own namespace
+        result = by_id[task["id"]]
+        trajs = [httpx.get(f"{server.url}/v1/trajectories/{t}", timeout=30).json() for t in result["trajectory_ids"]]
+        assert 1 <= len(trajs) <= len(task["turns"])
+        assert all(t["source"] == "eval" and t["metadata"]["eval_id"] == row["id"] for t in trajs)
+        if len(trajs) == len(task["turns"]):
+            assert trajs[-1]["thread_id"] != trajs[0]["thread_id"]  # the recall turn is a new conversation
+            assert trajs[-1]["metadata"]["expected_answer"] == task["answer"]
+    # eval runs are never training data
+    from learner.pairs import TRAINING_SOURCES
+
+    assert "eval" not in TRAINING_SOURCES
+    listed = hone(server, "evals")
+    assert listed.returncode == 0 and row["id"] in listed.stdout
+
+
 def _load(server, stop: threading.Event, results: list) -> None:
     with httpx.Client(timeout=300) as c:
         while not stop.is_set():

@@ -82,7 +82,7 @@ def tool_run_messages() -> list[dict]:
 
 def test_schema_is_created_with_documented_columns_and_settings(db_path: Path) -> None:
     db = schema.connect(db_path)
-    assert schema.migrate(db) == schema.SCHEMA_VERSION == 2
+    assert schema.migrate(db) == schema.SCHEMA_VERSION == 3
     assert set(db["trajectories"].columns_dict) == TRAJECTORY_COLUMNS
     assert set(db["messages"].columns_dict) == MESSAGE_COLUMNS
     assert set(db["feedback"].columns_dict) == {"id", "trajectory_id", "score", "comment", "caller", "created_at"}
