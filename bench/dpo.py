@@ -58,7 +58,7 @@ def make_pairs(model_dir: Path, n: int, length: int) -> list[dict]:
     return out
 
 
-def worker_hone(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf16: bool) -> dict:
+def worker_hone(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf16: bool, checkpointing: bool = False) -> dict:
     from learner.train import TrainConfig, peak_rss_mb, train_adapter
     from learner.types import Pair, TokenSequence
 
@@ -69,7 +69,7 @@ def worker_hone(model_dir: Path, pairs: list[dict], epochs: int, threads: int, b
     data = [Pair(seq(p, "chosen"), seq(p, "rejected")) for p in pairs]
     cfg = TrainConfig(beta=BETA, lr=LR, epochs=epochs, batch_size=ACCUMULATE, max_length=10_000,
                       lora_rank=LORA["r"], lora_alpha=LORA["lora_alpha"], target_modules=tuple(LORA["target_modules"]),
-                      threads=threads, bf16_autocast=bf16)
+                      threads=threads, bf16_autocast=bf16, gradient_checkpointing=checkpointing)
     with tempfile.TemporaryDirectory() as tmp:
         r = train_adapter(model_dir, data, cfg, Path(tmp) / "a", progress=False)
     seconds = r.timings["reference_s"] + r.timings["train_s"]
@@ -107,9 +107,9 @@ def worker_trl(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf
             "final_loss": out.training_loss, "prompt_tokens_seen_by_trl": lengths}
 
 
-def run_worker(args: argparse.Namespace, impl: str, bf16: bool, pairs_file: Path) -> dict:
+def run_worker(args: argparse.Namespace, impl: str, bf16: bool, pairs_file: Path, checkpointing: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--bf16", str(int(bf16)), "--pairs-file", str(pairs_file),
-           "--epochs", str(args.epochs), "--threads", str(args.threads)]
+           "--epochs", str(args.epochs), "--threads", str(args.threads), "--checkpointing", str(int(checkpointing))]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--worker", choices=["hone", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--bf16", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     from tests.integration_support import prepared_model
@@ -133,8 +134,11 @@ def main() -> None:
     model_dir = prepared_model()
     if args.worker:
         pairs = json.loads(Path(args.pairs_file).read_text())
-        fn = worker_hone if args.worker == "hone" else worker_trl
-        print(json.dumps(fn(model_dir, pairs, args.epochs, args.threads, bool(args.bf16))))
+        if args.worker == "hone":
+            out = worker_hone(model_dir, pairs, args.epochs, args.threads, bool(args.bf16), bool(args.checkpointing))
+        else:
+            out = worker_trl(model_dir, pairs, args.epochs, args.threads, bool(args.bf16))
+        print(json.dumps(out))
         return
 
     pairs = make_pairs(model_dir, args.pairs, args.length)
@@ -146,6 +150,9 @@ def main() -> None:
             for impl in ("hone", "trl"):
                 print(f"running {impl} bf16={bf16} ...", file=sys.stderr)
                 rows.append({"impl": impl, "bf16": bf16, **run_worker(args, impl, bf16, pairs_file)})
+        # without native bf16 a CPU trains in fp32: gradient checkpointing is the memory option there
+        print("running hone bf16=False gradient checkpointing ...", file=sys.stderr)
+        rows.append({"impl": "hone+ckpt", "bf16": False, **run_worker(args, "hone", False, pairs_file, True)})
     ratios = {}
     for bf16 in (True, False):
         ours, trl = (next(r for r in rows if r["impl"] == i and r["bf16"] == bf16) for i in ("hone", "trl"))
@@ -156,7 +163,7 @@ def main() -> None:
               f"{__import__('os').cpu_count()} cores", "pairs": args.pairs, "length": args.length,
               "epochs": args.epochs, "threads": args.threads, "rows": rows, "ratios": ratios}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| trainer | autocast | pairs/s | s (ref + train) | peak RSS MB | final loss |\n|---|---|---|---|---|---|")
+    print("| trainer | autocast | pairs/s | s (ref + train) | peak RSS MB | final loss |\n|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['impl']} | {'bf16' if r['bf16'] else 'fp32'} | error: {r['error']} | | | |")

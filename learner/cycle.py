@@ -171,7 +171,7 @@ class Cycle:
         with self.phase("swap"):
             try:
                 swap = await promote(self.runner.engine, registry, version, tolerance=s.swap_tolerance,
-                                     keep=s.keep_adapters)
+                                     keep=s.keep_adapters, min_idle_s=s.request_timeout_s + 30)
             except SwapError as e:
                 registry.update_adapter(version, status="rejected", reason=str(e))
                 await _unload_quietly(self.runner, version)

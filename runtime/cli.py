@@ -185,9 +185,10 @@ main.add_command(trajectories)
 
 from .cli_learner import adapters_cmd, cycles_cmd, learner_cmd, train_cmd  # noqa: E402
 
+from .cli_bench import bench_cmd  # noqa: E402
 from .cli_eval import eval_cmd, evals_cmd  # noqa: E402
 
-for _cmd in (learner_cmd, train_cmd, cycles_cmd, adapters_cmd, eval_cmd, evals_cmd):
+for _cmd in (learner_cmd, train_cmd, cycles_cmd, adapters_cmd, eval_cmd, evals_cmd, bench_cmd):
     main.add_command(_cmd)
 
 if __name__ == "__main__":  # `python -m runtime.cli`: how `hone serve` starts the learner process

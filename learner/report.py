@@ -1,0 +1,122 @@
+"""What `hone bench loop` prints and writes: the table (base, each candidate, each promoted adapter),
+the plot of success against cycle, and the verdicts: the target, and no promoted adapter worse than
+its parent on any suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def serving_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The base row, then each promoted one: what served after each cycle."""
+    return [r for r in result["rows"] if r["status"] in ("base", "promoted") and r.get("evals")]
+
+
+def verdicts(result: dict[str, Any]) -> dict[str, Any]:
+    """Target: held-out success >= max(2 x base, base + 10 points) within 3 promoted cycles.
+    Regression: a promoted adapter below its parent (the previous serving row) on any pool, beyond
+    what the pools' sizes can resolve, is listed; exact drops are listed too."""
+    served = serving_rows(result)
+    base = served[0]["evals"]["heldout"]["rate"] if served else None
+    if base is None:
+        return {}
+    target = max(2 * base, base + 0.10)
+    within = served[1:4]
+    best = max((r["evals"]["heldout"]["rate"] for r in within), default=None)
+    drops = []
+    for parent, child in zip(served, served[1:]):
+        for pool, ev in child["evals"].items():
+            before = parent["evals"][pool]["rate"]
+            if ev["rate"] is not None and before is not None and ev["rate"] < before:
+                drops.append({"adapter": child["adapter"], "parent": parent["adapter"] or "base", "pool": pool,
+                              "from": before, "to": ev["rate"]})
+    return {"base_heldout": base, "target": target, "best_promoted_heldout": best,
+            "target_reached": best is not None and best >= target - 1e-9, "promoted": len(served) - 1,
+            "drops_vs_parent": drops}
+
+
+def table(result: dict[str, Any]) -> str:
+    pools = list(next((r["evals"] for r in result["rows"] if r.get("evals")), {}).keys())
+    head = ["row", "adapter", "status", "traffic solved", "gate (cand vs current)", *pools, "pairs", "explore",
+            "drift excl.", "train s", "cycle s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in result["rows"]:
+        evals = r.get("evals") or {}
+        cells = [r["label"], r.get("adapter") or "base", r["status"]]
+        t = r.get("traffic")
+        cells.append(f"{t['solved']}/{t['n']}" if t else "-")
+        g = r.get("gate")
+        cells.append(f"{_pct(g['candidate_rate'])} vs {_pct(g['current_rate'])} (n={g['n_tasks']})" if g else "-")
+        for p in pools:
+            ev = evals.get(p)
+            cells.append(f"{_pct(ev['rate'])} ({ev['success']}/{ev['n']})" if ev else "-")
+        counts, timings = r.get("counts") or {}, r.get("timings") or {}
+        cells += [str(counts.get("pairs", "-")), str(counts.get("explore_rollouts", "-")),
+                  str(counts.get("drift_excluded", "-")), f"{timings['train']:.0f}" if "train" in timings else "-",
+                  f"{sum(timings.values()):.0f}" if timings else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path) -> bool:
+    """Success against cycle: what served after each cycle (line) and every candidate (markers).
+    False (and no file) without matplotlib (`pip install -e ".[bench]"`)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = result["rows"]
+    pools = list(next((r["evals"] for r in rows if r.get("evals")), {}).keys())
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    for i, pool in enumerate(pools):
+        colour = f"C{i}"
+        xs, ys, current = [], [], None
+        for k, r in enumerate(rows):
+            if r.get("evals") and r["status"] in ("base", "promoted"):
+                current = r["evals"][pool]["rate"]
+            if current is not None:
+                xs.append(k)
+                ys.append(100 * current)
+        ax.plot(xs, ys, "-o", color=colour, label=f"{pool} (serving)")
+        cand = [(k, 100 * r["evals"][pool]["rate"]) for k, r in enumerate(rows)
+                if r.get("evals") and r["status"] == "rejected"]
+        if cand:
+            ax.plot(*zip(*cand), "x", color=colour, markersize=8, label=f"{pool} (rejected candidate)")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(["base" if r["status"] == "base" else f"cycle {k}" for k, r in enumerate(rows)])
+    ax.set_ylabel("success rate (%)")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.set_title("hone bench loop: success against learner cycle")
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_report(result: dict[str, Any], out: Path) -> str:
+    v = verdicts(result)
+    result["verdicts"] = v
+    lines = [f"# hone bench loop, {result.get('started')}", "", table(result), ""]
+    if v:
+        lines.append(f"held-out: base {_pct(v['base_heldout'])}, target {_pct(v['target'])}, best promoted "
+                     f"{_pct(v['best_promoted_heldout'])} after {v['promoted']} promotion(s): "
+                     f"{'REACHED' if v['target_reached'] else 'not reached'}")
+        for d in v["drops_vs_parent"]:
+            lines.append(f"regression: {d['adapter']} on {d['pool']} {_pct(d['from'])} -> {_pct(d['to'])} (parent {d['parent']})")
+    if plot(result, out / "loop.png"):
+        lines.append(f"plot: {out / 'loop.png'}")
+    else:
+        lines.append("plot: skipped (matplotlib not installed: pip install -e '.[bench]')")
+    text = "\n".join(lines) + "\n"
+    (out / "loop.md").write_text(text)
+    return text

@@ -1,0 +1,79 @@
+"""`hone bench loop`: the self-improvement experiment (learner/experiment.py) from the shell."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.group("bench")
+def bench_cmd() -> None:
+    """Experiments that measure hone end to end."""
+
+
+@bench_cmd.command("loop")
+@click.option("--cycles", type=click.IntRange(1, 100), default=3, show_default=True, help="learner cycles to run")
+@click.option("--train-tasks", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="training pool, streamed as traffic (default bench/data/mawps-sample.jsonl; the full MAWPS "
+                   "file is ../shared/data/mawps.jsonl in this project's workspace)")
+@click.option("--per-cycle", type=click.IntRange(1), default=48, show_default=True,
+              help="training-pool tasks served before each cycle")
+@click.option("--gate-tasks", type=click.IntRange(1), default=48, show_default=True,
+              help="taken from the end of the training pool for the gate; never served as traffic")
+@click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="held-out pool, disjoint from training (default tasks/asdiv-a-sample.jsonl)")
+@click.option("--heldout-limit", type=click.IntRange(1), default=40, show_default=True)
+@click.option("--suite", "suites", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="other suites evaluated each cycle (default tasks/storage.jsonl and tasks/python.jsonl)")
+@click.option("--suite-limit", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--model", help="prepared model directory to serve (HONE_MODEL); default: the embedded SmolLM2")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="results folder (default bench/results/loop)")
+@click.option("--set", "settings", multiple=True, metavar="HONE_X=V",
+              help="a server/learner setting for this experiment, e.g. --set HONE_DPO_LR=1e-4")
+def loop_cmd(cycles: int, train_tasks: Path | None, per_cycle: int, gate_tasks: int, heldout: Path | None,
+             heldout_limit: int, suites: tuple[Path, ...], suite_limit: int, concurrency: int, model: str | None,
+             out: Path | None, settings: tuple[str, ...]) -> None:
+    """Serve a fresh agent, stream training tasks through it, let the background learner run
+    CYCLES cycles, and after each evaluate the new candidate on a held-out pool and other suites.
+
+    Writes loop.json, loop.md (the table) and loop.png (success against cycle) to --out, and
+    keeps the experiment's HONE_HOME there (inspect it with HONE_HOME=... hone cycles / hone evals).
+    About an hour on a 2-core CPU with the defaults; on a GPU raise --per-cycle, --heldout-limit,
+    --suite-limit and --concurrency, and pass --model for a bigger model."""
+    from learner.experiment import ExperimentError, LoopConfig, run_experiment
+    from learner.tasks import TaskFileError
+
+    cfg = LoopConfig(cycles=cycles, per_cycle=per_cycle, gate_tasks=gate_tasks, heldout_limit=heldout_limit,
+                     suite_limit=suite_limit, concurrency=concurrency, model=model)
+    if train_tasks:
+        cfg.train_tasks = train_tasks
+    if heldout:
+        cfg.heldout = heldout
+    if suites:
+        cfg.suites = tuple(suites)
+    if out:
+        cfg.out = out
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("HONE_"):
+            raise click.BadParameter(f"expected HONE_NAME=VALUE, got {item!r}", param_hint="--set")
+        cfg.server_env[key] = value
+    for p in (cfg.train_tasks, cfg.heldout, *cfg.suites):
+        if not Path(p).is_file():
+            click.echo(f"hone: {p} does not exist (pass --train-tasks / --heldout / --suite)", err=True)
+            sys.exit(1)
+    say = lambda m: click.echo(f"hone: {m}", err=True)  # noqa: E731
+    try:
+        result = run_experiment(cfg, say)
+    except (ExperimentError, TaskFileError) as e:
+        click.echo(f"hone: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo(f"hone: interrupted; partial results in {cfg.out / 'loop.json'}", err=True)
+        sys.exit(130)
+    click.echo((cfg.out / "loop.md").read_text())
+    v = result.get("verdicts") or {}
+    sys.exit(0 if v else 1)

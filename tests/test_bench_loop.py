@@ -1,0 +1,90 @@
+"""`hone bench loop`'s bookkeeping: pools (gate taken from the training pool, held-out disjoint),
+the verdicts (target, regressions against the parent) and the table. The experiment itself runs
+real parts for an hour, so it is a benchmark (docs/benchmarks.md), not a test; its mechanics, one
+cycle from labels to eval, are tests/test_learner_integration.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from learner.experiment import ExperimentError, LoopConfig, load_pools
+from learner.report import table, verdicts, write_report
+from runtime.cli import main
+
+
+def ev(rate: float, n: int = 40) -> dict:
+    return {"rate": rate, "n": n, "success": round(rate * n), "ci95": [0, 1], "eval_id": "e", "mean_steps": 2,
+            "tool_call_validity": 1.0}
+
+
+def result(*rows: tuple[str, str | None, float, float]) -> dict:
+    out = {"started": "now", "rows": []}
+    for i, (status, adapter, heldout, storage) in enumerate(rows):
+        row = {"label": "base" if i == 0 else f"cycle {i}", "status": status, "adapter": adapter,
+               "evals": {"heldout": ev(heldout), "storage": ev(storage, 12)}}
+        if i:
+            row.update(traffic={"n": 32, "solved": 8}, gate={"candidate_rate": 0.5, "current_rate": 0.4, "n_tasks": 24},
+                       counts={"pairs": 20, "explore_rollouts": 48, "drift_excluded": 1},
+                       timings={"train": 300.0, "gate": 100.0})
+        out["rows"].append(row)
+    return out
+
+
+def test_target_is_the_larger_of_double_and_plus_ten_points_over_promoted_rows_only() -> None:
+    r = result(("base", None, 0.20, 0.5), ("rejected", "hone-v1", 0.60, 0.5), ("promoted", "hone-v2", 0.35, 0.5))
+    v = verdicts(r)
+    assert v["target"] == pytest.approx(0.40) and v["best_promoted_heldout"] == 0.35 and not v["target_reached"]
+    r = result(("base", None, 0.02, 0.5), ("promoted", "hone-v1", 0.12, 0.5))
+    v = verdicts(r)
+    assert v["target"] == pytest.approx(0.12) and v["target_reached"] and v["promoted"] == 1
+
+
+def test_a_promoted_adapter_below_its_parent_on_any_pool_is_listed() -> None:
+    r = result(("base", None, 0.2, 0.5), ("promoted", "hone-v1", 0.3, 0.4), ("rejected", "hone-v2", 0.1, 0.1),
+               ("promoted", "hone-v3", 0.35, 0.45))
+    drops = verdicts(r)["drops_vs_parent"]
+    assert drops == [{"adapter": "hone-v1", "parent": "base", "pool": "storage", "from": 0.5, "to": 0.4}]
+
+
+def test_table_and_report_files(tmp_path: Path) -> None:
+    r = result(("base", None, 0.2, 0.5), ("promoted", "hone-v1", 0.3, 0.5))
+    t = table(r)
+    assert "| cycle 1 | hone-v1 | promoted | 8/32 | 50.0% vs 40.0% (n=24) | 30.0% (12/40) | 50.0% (6/12) | 20 | 48 | 1 | 300 | 400 |" in t
+    text = write_report(r, tmp_path)
+    assert (tmp_path / "loop.md").read_text() == text and "REACHED" not in text and "not reached" in text
+
+
+def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"t{i}", "question": f"{i}+1?", "answer": i + 1}) + "\n" for i in range(10)))
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"id": "h1", "question": "2+2?", "answer": 4}) + "\n")
+    cfg = LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4)
+    tr, gate, pools = load_pools(cfg)
+    assert [t.id for t in gate] == ["t6", "t7", "t8", "t9"] and len(tr) == 6 and list(pools) == ["heldout"]
+    with pytest.raises(ExperimentError, match="need more than gate_tasks"):
+        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=10))
+    with pytest.raises(ExperimentError, match="also occurs in the training pool"):
+        load_pools(LoopConfig(train_tasks=train, heldout=train, suites=(), gate_tasks=4))
+
+
+def test_cli_refuses_bad_settings_and_missing_files(tmp_path: Path) -> None:
+    out = CliRunner().invoke(main, ["bench", "loop", "--set", "DPO_LR=1"])
+    assert out.exit_code == 2 and "HONE_NAME=VALUE" in out.output
+    out = CliRunner().invoke(main, ["bench", "loop", "--heldout", str(tmp_path / "nope.jsonl")])
+    assert out.exit_code == 2 and "does not exist" in out.output
+
+
+def test_heldout_questions_seen_in_training_are_dropped_before_the_limit(tmp_path: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": f"t{i}", "question": f"What is {i} + 1?", "answer": i + 1}) + "\n"
+                             for i in range(10)))
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"id": "h1", "question": "what is 3 + 1 ?", "answer": 4}) + "\n"
+                    + json.dumps({"id": "h2", "question": "What is 30 + 1?", "answer": 31}) + "\n")
+    _, _, pools = load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, heldout_limit=1))
+    assert [t.id for t in pools["heldout"][1]] == ["h2"]
