@@ -43,7 +43,7 @@ FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # The experiment's learner settings, under the user's HONE_* variables and --set: sized so three
 # cycles fit in about an hour on 2 CPU cores. Nothing is served while a cycle trains here, so
 # training gets every core.
-LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "32", "HONE_EXPLORE_BUDGET": "64", "HONE_DPO_LR": "3e-4"}
+LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "32", "HONE_EXPLORE_BUDGET": "64", "HONE_DPO_LR": "1e-4"}
 
 
 class ExperimentError(RuntimeError):
