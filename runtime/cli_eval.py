@@ -14,20 +14,9 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, Settings
+from .cli_learner import _fail, _settings
+from .config import Settings
 from .timeutil import format_time
-
-
-def _settings() -> Settings:
-    try:
-        return Settings.load()
-    except ConfigError as e:
-        raise click.UsageError(f"configuration: {e}") from None
-
-
-def _fail(message: str, code: int = 1) -> None:
-    click.echo(f"hone: {message}", err=True)
-    sys.exit(code)
 
 
 def _store(settings: Settings):
