@@ -42,8 +42,11 @@ REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # The experiment's learner settings, under the user's HONE_* variables and --set: sized so three
 # cycles fit in about an hour on 2 CPU cores. Nothing is served while a cycle trains here, so
-# training gets every core.
-LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "32", "HONE_EXPLORE_BUDGET": "64", "HONE_DPO_LR": "1e-4"}
+# training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
+# are what the model lacks; the NLL term on chosen trajectories is Iterative RPO's (Pang et al.
+# 2024), which found DPO alone barely moves self-generated math pairs.
+LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "32", "HONE_EXPLORE_BUDGET": "192", "HONE_DPO_LR": "1e-4",
+                 "HONE_DPO_NLL_WEIGHT": "1.0"}
 
 
 class ExperimentError(RuntimeError):

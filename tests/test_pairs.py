@@ -342,7 +342,7 @@ def test_tasks_to_explore_order_and_only_rerunnable(log: Log) -> None:
     groups = collect(log.db, val_fraction=VAL)
     assert set(groups.train) == {a, b, c, d, e, f, g_}
     got = [(t.key, n) for t, n in tasks_to_explore(groups)]
-    assert got == [(b, 1), (a, 2), (d, 1), (c, 3)]
+    assert got == [(b, 1), (d, 1), (a, 2), (c, 3)]  # least tried first, failure and success in turn
     task = tasks_to_explore(groups)[0][0]
     assert task.messages == ({"role": "user", "content": f"question {b}"},) and task.expected == 42
 
@@ -433,3 +433,14 @@ def test_build_pairs_max_pairs_keeps_the_newest_and_no_validation_task(log: Log)
 def test_build_pairs_on_empty_groups() -> None:
     built = build_pairs(None, Groups(), per_task=4, max_pairs=10)  # type: ignore[arg-type]
     assert built.pairs == [] and built.excluded == {}
+
+
+def test_tasks_to_explore_takes_failures_and_successes_in_turn(log: Log) -> None:
+    ks = sorted(keys("train", 5))
+    for k in ks[:4]:
+        log.run(k, False)
+    log.run(ks[4], True)
+    log.label()
+    got = [t.key for t, _ in tasks_to_explore(collect(log.db, val_fraction=VAL))]
+    failed = sorted(k for k in got if k != ks[4])
+    assert got == [failed[0], ks[4], *failed[1:]]  # the one solved task is not left behind the budget

@@ -1,0 +1,113 @@
+"""What could self-training reach on this model? pass@k of the served agent on the loop's pools.
+
+    .venv/bin/python bench/ceiling.py [--samples 16] [--temperature 0.7] [--pools heldout,gate]
+
+Why. The learner only learns from its own attempts: a DPO pair needs a success the agent itself
+produced (trial-and-error, as in ETO), so a task the agent never solves in any sample yields no
+pair, and RL from verifiable rewards has been measured to concentrate probability on answers the
+base model already samples rather than to add new ones (Yue et al. 2025, "Does Reinforcement
+Learning Really Incentivize Reasoning Capacity in LLMs Beyond the Base Model?"). So the share of
+held-out tasks solved greedily OR in at least one of k samples is a practical ceiling for what a
+few cycles of self-training can reach, and pass@k says how fast more sampling finds successes.
+
+Method. `hone serve` (real vLLM, the embedded SmolLM2 unless HONE_MODEL is set, learner off) on a
+fresh HONE_HOME; the pools are exactly `hone bench loop`'s (learner/experiment.py load_pools):
+held-out = ASDiv-A sample minus questions also in MAWPS, first 40; gate = last 48 MAWPS tasks.
+Each pool runs once greedily and `samples` times at `temperature` (the explorer's), all through
+`hone eval`'s code over the HTTP API. pass@k is the unbiased estimator of Chen et al. 2021 from
+n samples with c successes: 1 - C(n-c, k) / C(n, k). Results: stdout (markdown) and
+bench/results/ceiling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from math import comb
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from learner.experiment import LoopConfig, load_pools, serve  # noqa: E402
+from runtime.evals import EvalOptions, EvalStore, run_eval  # noqa: E402
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+async def successes(store: EvalStore, url: str, tasks, name: str, temperature: float) -> dict[str, bool]:
+    row = await run_eval(store, tasks, server=url, headers={}, tasks_file=name,
+                         options=EvalOptions(adapter="base", concurrency=8, temperature=temperature))
+    got = store.db.execute("select task_id, success from eval_results where eval_id = ?", [row["id"]]).fetchall()
+    return {t: bool(s) for t, s in got}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--pools", default="heldout,gate")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+
+    cfg = LoopConfig()
+    train, gate, pools = load_pools(cfg)
+    chosen = {"gate": gate, **{k: v[1] for k, v in pools.items()}}
+    names = [p for p in args.pools.split(",") if p]
+    unknown = [p for p in names if p not in chosen]
+    if unknown:
+        sys.exit(f"ceiling: unknown pool(s) {unknown}; choose from {sorted(chosen)}")
+    home = args.out.resolve() / f"ceiling-home-{time.strftime('%Y%m%d-%H%M%S')}"
+    env = {"HONE_LEARNER_ENABLED": "false", **({"HONE_MODEL": os.environ["HONE_MODEL"]} if "HONE_MODEL" in os.environ else {})}
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= args.samples]
+    result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+              "samples": args.samples, "temperature": args.temperature, "pools": {}}
+    t0 = time.monotonic()
+    with serve(home, env, 900, print) as url:
+        store = EvalStore(home / "hone.db")
+        try:
+            for name in names:
+                tasks = chosen[name]
+                greedy = asyncio.run(successes(store, url, tasks, name, 0.0))
+                counts = {t.id: 0 for t in tasks}
+                for i in range(args.samples):
+                    for key, ok in asyncio.run(successes(store, url, tasks, name, args.temperature)).items():
+                        counts[key] += ok
+                    print(f"{name}: sample {i + 1}/{args.samples} done ({time.monotonic() - t0:.0f}s)", flush=True)
+                n = len(tasks)
+                flip = sum(1 for key, c in counts.items() if c and not greedy.get(key))
+                result["pools"][name] = {
+                    "n": n, "greedy": sum(greedy.values()) / n,
+                    "sampled_mean": sum(counts.values()) / (n * args.samples),
+                    "pass_at_k": {k: sum(pass_at_k(args.samples, c, k) for c in counts.values()) / n for k in ks},
+                    "greedy_or_any_sample": (sum(greedy.values()) + flip) / n,
+                    "never_solved": sum(1 for key, c in counts.items() if not c and not greedy.get(key)) / n,
+                    "per_task": {key: {"greedy": greedy.get(key, False), "sampled": c} for key, c in counts.items()},
+                }
+        finally:
+            store.close()
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "ceiling.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\n{result['machine']}, {result['date']}; {args.samples} samples at T={args.temperature}; "
+          f"{result['wall_s']:.0f}s\n")
+    print("| pool | n | greedy | mean sampled | " + " | ".join(f"pass@{k}" for k in ks)
+          + " | greedy or any sample | never solved |")
+    print("|---|---|---|---|" + "---|" * len(ks) + "---|---|")
+    for name, p in result["pools"].items():
+        print(f"| {name} | {p['n']} | {p['greedy']:.1%} | {p['sampled_mean']:.1%} | "
+              + " | ".join(f"{p['pass_at_k'][k]:.1%}" for k in ks)
+              + f" | {p['greedy_or_any_sample']:.1%} | {p['never_solved']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
