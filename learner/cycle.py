@@ -120,12 +120,12 @@ class Cycle:
         version = registry.new_version()
         out_dir = adapter_path(s, version)
         with self.phase("train"):
-            from .train import train_adapter  # torch is imported only when a cycle trains
+            from .train_process import train_adapter_isolated  # memory goes back to the OS after each cycle
 
             model_dir = await asyncio.to_thread(ensure_model, s, progress=self.say)
             parent_dir = active_path if active else None
             result = await asyncio.to_thread(
-                train_adapter, model_dir, built.pairs, train_config(s), out_dir,
+                train_adapter_isolated, model_dir, built.pairs, train_config(s), out_dir,
                 parent_adapter=parent_dir, progress=self.progress,
                 on_step=lambda step: registry.update_cycle(self.id, progress=step),
             )

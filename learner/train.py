@@ -185,6 +185,7 @@ def train_adapter(
                 raise TrainingError(f"non-finite gradient at epoch {epoch + 1}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            _give_back_freed_memory()
             stats.update(epoch=epoch + 1, step=len(history) + 1, grad_norm=float(grad_norm))
             history.append(stats)
             if bar is not None:
@@ -231,6 +232,28 @@ def train_adapter(
     (tmp / "hone-adapter.json").write_text(json.dumps(meta, indent=1))
     os.rename(tmp, out_dir)
     return TrainResult(out_dir, metrics, counts, timings)
+
+
+def _give_back_freed_memory() -> None:
+    """glibc keeps a step's freed activations (~6 GB for a pair of 2k-token trajectories) as
+    resident memory; malloc_trim returns them, so the learner does not sit on its peak between steps
+    (measured: 8.3 GB resident after each step without, 1.2-1.5 GB with; a few ms per call)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _mean(rows: list[dict[str, float]], key: str) -> float:

@@ -16,8 +16,7 @@ def bench_cmd() -> None:
 @bench_cmd.command("loop")
 @click.option("--cycles", type=click.IntRange(1, 100), default=3, show_default=True, help="learner cycles to run")
 @click.option("--train-tasks", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="training pool, streamed as traffic (default bench/data/mawps-sample.jsonl; the full MAWPS "
-                   "file is ../shared/data/mawps.jsonl in this project's workspace)")
+              help="training pool, streamed as traffic (default bench/data/mawps.jsonl: all 1,743 MAWPS items)")
 @click.option("--per-cycle", type=click.IntRange(1), default=48, show_default=True,
               help="training-pool tasks served before each cycle")
 @click.option("--gate-tasks", type=click.IntRange(1), default=48, show_default=True,

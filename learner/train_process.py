@@ -1,0 +1,93 @@
+"""Run `train_adapter` in a child process, one per cycle.
+
+Why: the C allocator keeps the memory a training step freed, and it fragments across steps with
+sequences of different lengths, so a long-lived learner only grows. In `hone bench loop` run 3 the
+learner reached 12.6 GB peak in its first cycle and was OOM-killed at 19 GB in its second, taking
+the cycle with it. A child process gives every byte back when it exits, and if the kernel kills it
+for memory, the cycle fails with that reason while the learner lives on for the next one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import shutil
+import signal
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .train import TrainConfig, TrainingError, TrainResult
+from .types import Pair
+
+_POLL_S = 0.5
+
+
+def _child(events, model_dir, pairs, cfg, out_dir, parent_adapter, progress) -> None:
+    from .train import train_adapter
+
+    try:
+        result = train_adapter(model_dir, pairs, cfg, out_dir, parent_adapter=parent_adapter, progress=progress,
+                               on_step=lambda step: events.put(("step", step)))
+        events.put(("done", result))
+    except TrainingError as e:
+        events.put(("error", str(e)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it as the cycle's error
+        events.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"))
+
+
+def _died(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hint = (" (most likely the kernel's out-of-memory killer: HONE_DPO_GRADIENT_CHECKPOINTING=true or a "
+                "lower HONE_DPO_MAX_LENGTH lowers the peak)") if -exitcode == signal.SIGKILL else ""
+        return f"the training process was killed by {name}{hint}"
+    return f"the training process exited with code {exitcode} before reporting a result"
+
+
+def train_adapter_isolated(
+    model_dir: str | Path,
+    pairs: Sequence[Pair],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    *,
+    parent_adapter: str | Path | None = None,
+    progress: bool = False,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    _target: Callable[..., None] = _child,
+) -> TrainResult:
+    """`train_adapter` in a spawned child: same arguments, same result or TrainingError."""
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold threads and sockets
+    events = ctx.Queue()
+    proc = ctx.Process(target=_target, name="hone-train", daemon=True,
+                       args=(events, str(model_dir), list(pairs), cfg, str(out_dir),
+                             str(parent_adapter) if parent_adapter else None, progress))
+    proc.start()
+    try:
+        while True:
+            try:
+                kind, payload = events.get(timeout=_POLL_S)
+            except queue.Empty:
+                if proc.is_alive():
+                    continue
+                try:  # it may have reported just before exiting
+                    kind, payload = events.get(timeout=_POLL_S)
+                except queue.Empty:
+                    proc.join()
+                    for tmp in Path(out_dir).parent.glob(f".{Path(out_dir).name}.tmp-*"):  # killed while saving
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    raise TrainingError(_died(proc.exitcode)) from None
+            if kind == "step":
+                if on_step is not None:
+                    on_step(payload)
+            elif kind == "done":
+                return payload
+            else:
+                raise TrainingError(payload)
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        events.close()

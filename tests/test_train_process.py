@@ -1,0 +1,59 @@
+"""learner.train_process: training in a child process returns the trainer's result, its progress
+and its errors, and a child killed by the kernel fails the cycle with a reason instead of the
+learner. Real processes (spawn), the real trainer on the prepared SmolLM2."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from learner.train import TrainConfig, TrainingError
+from learner.train_process import train_adapter_isolated
+from tests.test_dpo import _real_pairs
+from tests.test_model import needs_gguf
+
+
+def _killed_by_the_kernel(events, model_dir, pairs, cfg, out_dir, parent, progress) -> None:
+    events.put(("step", {"step": 1, "of": 9}))
+    Path(out_dir).parent.joinpath(f".{Path(out_dir).name}.tmp-{os.getpid()}").mkdir(parents=True)  # mid-save
+    os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
+
+
+def _exits(events, *args) -> None:
+    os._exit(3)
+
+
+@needs_gguf
+def test_child_training_returns_the_result_progress_and_errors(tmp_path: Path) -> None:
+    from tests.integration_support import prepared_model
+
+    model_dir = prepared_model()
+    pairs = _real_pairs(model_dir)
+    steps: list[dict] = []
+    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=1, lora_rank=4, lora_alpha=8, threads=2)
+    result = train_adapter_isolated(model_dir, pairs, cfg, tmp_path / "hone-v1", on_step=steps.append)
+    assert result.path == tmp_path / "hone-v1" and (result.path / "adapter_model.safetensors").is_file()
+    assert [s["step"] for s in steps] == [1, 2] and result.counts["pairs_used"] == 2
+    assert result.metrics["peak_rss_mb"] > 0  # the child's own peak, reported back
+
+    with pytest.raises(TrainingError, match="max_length=10"):  # the trainer's own error, as raised in the child
+        train_adapter_isolated(model_dir, pairs, TrainConfig(max_length=10), tmp_path / "hone-v2")
+
+
+def test_a_killed_child_fails_with_a_reason_and_leaves_no_partial_adapter(tmp_path: Path) -> None:
+    steps: list[dict] = []
+    with pytest.raises(TrainingError, match="killed by SIGKILL.*out-of-memory"):
+        train_adapter_isolated("m", [], TrainConfig(), tmp_path / "hone-v3", on_step=steps.append,
+                               _target=_killed_by_the_kernel)
+    assert steps == [{"step": 1, "of": 9}]
+    assert not list(tmp_path.iterdir())
+
+
+def test_other_child_failures_name_what_happened(tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match="AttributeError: 'str' object has no attribute 'chosen'"):
+        train_adapter_isolated("m", ["not a pair"], TrainConfig(), tmp_path / "a")  # raised inside the trainer
+    with pytest.raises(TrainingError, match="exited with code 3"):
+        train_adapter_isolated("m", [], TrainConfig(), tmp_path / "b", _target=_exits)
