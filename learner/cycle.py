@@ -25,7 +25,7 @@ from runtime.model import ensure_model
 from runtime.store import TrajectoryStore
 
 from . import explore as exploration
-from .gate import check_candidate, run_gate
+from .gate import check_candidate, recorded_results, run_gate
 from .labels import label_all, label_totals
 from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_tasks
 from .registry import Registry
@@ -150,14 +150,19 @@ class Cycle:
                 registry.update_adapter(version, status="rejected", reason=reason)
                 await _unload_quietly(self.runner, version)
                 return self.finish("rejected", error=reason)
+            model = str(s.model_path)
+            known = (recorded_results(registry.list_cycles(limit=1000), active or "base", model)
+                     if s.gate_reuse else {})
+            runs = len({t.key for t in tasks}) + len({t.key for t in tasks} - set(known))
             done = [0]
 
             def tick_gate(_attempt) -> None:
                 done[0] += 1
-                self.registry.update_cycle(self.id, progress={"runs": done[0], "of": 2 * len(tasks)})
+                self.registry.update_cycle(self.id, progress={"runs": done[0], "of": runs})
 
             gate = await run_gate(self.runner, tasks, candidate=version, current=active, cycle_id=self.id,
-                                  margin=s.gate_margin, on_done=tick_gate)
+                                  margin=s.gate_margin, known_current=known, on_done=tick_gate)
+            gate["model"] = model
             registry.update_adapter(version, gate=gate)
             registry.update_cycle(self.id, gate=gate)
             self.say(f"cycle {self.id}: gate {version} {gate['candidate_rate']:.1%} vs "

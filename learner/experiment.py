@@ -44,9 +44,12 @@ FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # cycles fit in about an hour on 2 CPU cores. Nothing is served while a cycle trains here, so
 # training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
 # are what the model lacks; the NLL term on chosen trajectories is Iterative RPO's (Pang et al.
-# 2024), which found DPO alone barely moves self-generated math pairs.
+# 2024), which found DPO alone barely moves self-generated math pairs. Agent runs (exploration,
+# gate) go 16 at a time: vLLM's batches keep 2 cores busier than 8 did (~1.6x the runs per second).
+# One pair per task: on the same logged data, 4 per task let a few tasks' operator dominate (the
+# candidate wrote "-" in 40 of 48 gate runs), 1 per task did better on every pool (bench/sweep.py).
 LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "32", "HONE_EXPLORE_BUDGET": "192", "HONE_DPO_LR": "1e-4",
-                 "HONE_DPO_NLL_WEIGHT": "1.0"}
+                 "HONE_DPO_NLL_WEIGHT": "1.0", "HONE_EXPLORE_CONCURRENCY": "16", "HONE_PAIRS_PER_TASK": "1"}
 
 
 class ExperimentError(RuntimeError):
@@ -58,7 +61,9 @@ class LoopConfig:
     cycles: int = 3
     train_tasks: Path = REPO / "bench" / "data" / "mawps.jsonl"
     per_cycle: int = 48  # training-pool tasks streamed before each cycle
-    gate_tasks: int = 48  # taken from the end of the training pool; never streamed
+    # Taken from the end of the training pool; never streamed. 48 was too few to decide: a candidate
+    # that 200 tasks of the same pool rated +3 points, the 48 rated -10 (docs/benchmarks.md).
+    gate_tasks: int = 200
     heldout: Path = REPO / "tasks" / "asdiv-a-sample.jsonl"
     heldout_limit: int = 40
     suites: tuple[Path, ...] = (REPO / "tasks" / "storage.jsonl", REPO / "tasks" / "python.jsonl")

@@ -3,6 +3,12 @@
 Both sides run the same validation tasks through the real agent, greedily (temperature 0), with the
 adapter forced per run. Promote if candidate_rate >= current_rate + margin. Validation tasks come
 from the held-out split of logged traffic plus an optional task file (`gate_tasks_file`).
+
+What serves now was measured on these tasks before: as the candidate of the gate that promoted it
+(or, for the base model, as the current side of an earlier gate). Its per-task results are kept in
+the cycle records and reused (`gate_reuse`), so a gate runs only the candidate and any task the
+current side has not run yet: half the cost, which buys a gate big enough to decide (a 48-task gate
+rejected a candidate that a 200-task pool of the same distribution rated better; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.engine import Engine
+from runtime.evals import paired
 
 from .probe import check_adapter_files
 from .runner import AgentRunner
@@ -31,22 +38,48 @@ async def check_candidate(engine: Engine, version: str, path: str | Path, *, max
 
 
 async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, current: str | None,
-                   cycle_id: int, margin: float, on_done=None) -> dict[str, Any]:
+                   cycle_id: int, margin: float, known_current: dict[str, bool] | None = None,
+                   on_done=None) -> dict[str, Any]:
+    """`known_current`: task key -> success of the current side, measured earlier; those tasks are
+    not run again for it."""
+    tasks = list({t.key: t for t in tasks}.values())  # a task in both the split and the file runs once
     sides = {"candidate": candidate, "current": current or "base"}
+    known = {t.key: known_current[t.key] for t in tasks if known_current and t.key in known_current}
     jobs = [
         dict(task=t, source="gate", namespace=f"gate-c{cycle_id}-{side}-{i}", adapter=version, temperature=0.0,
              extra_metadata={"cycle_id": cycle_id, "gate_side": side})
         for side, version in sides.items() for i, t in enumerate(tasks)
+        if not (side == "current" and t.key in known)
     ]
     attempts = await runner.attempt_all(jobs, on_done=on_done)
+    results: dict[str, dict[str, bool]] = {"candidate": {}, "current": dict(known)}
+    for job, a in zip(jobs, attempts):
+        results[job["extra_metadata"]["gate_side"]][job["task"].key] = a.success
     n = len(tasks)
-    cand = attempts[:n]
-    cur = attempts[n:]
-    cand_rate = sum(a.success for a in cand) / n
-    cur_rate = sum(a.success for a in cur) / n
+    cand, cur = results["candidate"], results["current"]
+    cand_successes, cur_successes = sum(cand.values()), sum(cur.values())
+    # Task by task too: the rates alone cannot tell "fixed 2, broke 0" from "fixed 11, broke 9".
+    diff = paired(cur, cand)
     return {
         "n_tasks": n, "candidate": candidate, "current": sides["current"],
-        "candidate_rate": cand_rate, "current_rate": cur_rate, "margin": margin,
-        "candidate_successes": sum(a.success for a in cand), "current_successes": sum(a.success for a in cur),
-        "promote": cand_rate >= cur_rate + margin,
+        "candidate_rate": cand_successes / n, "current_rate": cur_successes / n, "margin": margin,
+        "candidate_successes": cand_successes, "current_successes": cur_successes,
+        "current_reused": len(known), "fixed": diff["fixed"], "broken": diff["broken"], "p_value": diff["p_value"],
+        "promote": cand_successes / n >= cur_successes / n + margin,
+        "results": results,
     }
+
+
+def recorded_results(cycles: list[dict[str, Any]], version: str, model: str) -> dict[str, bool]:
+    """Per-task gate results of `version` ("base" for no adapter) on `model`, from cycle records
+    (newest first; the newest result of a task wins)."""
+    out: dict[str, bool] = {}
+    for c in cycles:
+        gate = c.get("gate") or {}
+        if gate.get("model") != model or "results" not in gate:
+            continue
+        for side in ("candidate", "current"):
+            if gate.get(side) == version:
+                for key, ok in gate["results"].get(side, {}).items():
+                    out.setdefault(key, bool(ok))
+    return out

@@ -19,7 +19,7 @@ def bench_cmd() -> None:
               help="training pool, streamed as traffic (default bench/data/mawps.jsonl: all 1,743 MAWPS items)")
 @click.option("--per-cycle", type=click.IntRange(1), default=48, show_default=True,
               help="training-pool tasks served before each cycle")
-@click.option("--gate-tasks", type=click.IntRange(1), default=48, show_default=True,
+@click.option("--gate-tasks", type=click.IntRange(1), default=200, show_default=True,
               help="taken from the end of the training pool for the gate; never served as traffic")
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="held-out pool, disjoint from training (default tasks/asdiv-a-sample.jsonl)")

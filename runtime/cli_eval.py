@@ -62,6 +62,34 @@ def print_eval(row: dict[str, Any]) -> None:
         click.echo(f"  error: {row['error']}")
 
 
+def compare_evals(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """`after` against `before`, on the tasks both ran (by task id)."""
+    from .evals import paired
+
+    if before["tasks_file"] != after["tasks_file"]:
+        _fail(f"{before['id']} ran {before['tasks_file']} and {after['id']} ran {after['tasks_file']}: "
+              "only evals of the same task file compare task by task")
+    result = paired({r["task_id"]: r["success"] for r in before["results"]},
+                    {r["task_id"]: r["success"] for r in after["results"]})
+    if result["n"] == 0:
+        _fail(f"{before['id']} and {after['id']} have no finished task in common")
+    return {"before": {"id": before["id"], "adapter": before["adapter"]},
+            "after": {"id": after["id"], "adapter": after["adapter"]}, "tasks_file": before["tasks_file"], **result}
+
+
+def print_comparison(c: dict[str, Any]) -> None:
+    n = c["n"]
+    click.echo(f"{c['after']['id']} ({c['after']['adapter'] or 'as served'}) against "
+               f"{c['before']['id']} ({c['before']['adapter'] or 'as served'}) on {n} common tasks of {c['tasks_file']}")
+    b, a = c["before_success"], c["after_success"]
+    click.echo(f"  success {b}/{n} -> {a}/{n} ({_pct(b / n)} -> {_pct(a / n)})")
+    click.echo(f"  fixed {c['fixed']}, broke {c['broken']}: exact McNemar p = {c['p_value']:.3g}"
+               + ("" if c["p_value"] < 0.05 else " (not significant at 0.05)"))
+    for label, tasks in (("fixed", c["fixed_tasks"]), ("broke", c["broken_tasks"])):
+        if tasks:
+            click.echo(f"  {label}: {' '.join(tasks)}")
+
+
 @click.command("eval")
 @click.option("--tasks", "tasks_file", required=True, type=click.Path(dir_okay=False),
               help="JSONL task file (single- or multi-turn; see docs/tasks.md)")
@@ -122,14 +150,29 @@ def eval_cmd(tasks_file: str, adapter: str | None, limit: int | None, concurrenc
 @click.argument("eval_id", required=False)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--failed", "only_failed", is_flag=True, help="with EVAL_ID: list only the tasks it got wrong")
+@click.option("--compare", "other_id", metavar="OTHER_ID",
+              help="with EVAL_ID: compare OTHER_ID against it task by task (fixed, broken, McNemar p)")
 @click.option("--json", "as_json", is_flag=True)
-def evals_cmd(eval_id: str | None, limit: int, only_failed: bool, as_json: bool) -> None:
+def evals_cmd(eval_id: str | None, limit: int, only_failed: bool, other_id: str | None, as_json: bool) -> None:
     """List stored evals, newest first; with EVAL_ID, show one with its per-task results."""
     settings = _settings()
     if not settings.db_path.exists():
         _fail(f"no database at {settings.db_path} yet (run `hone eval` first, or set HONE_HOME)")
+    if other_id and not eval_id:
+        _fail("--compare needs an EVAL_ID to compare against: `hone evals EVAL_ID --compare OTHER_ID`")
     store = _store(settings)
     try:
+        if other_id:
+            rows = {i: store.get(i) for i in (eval_id, other_id)}
+            for i, row in rows.items():
+                if row is None:
+                    _fail(f"no eval {i!r} (see `hone evals`)")
+            comparison = compare_evals(rows[eval_id], rows[other_id])
+            if as_json:
+                click.echo(json.dumps(comparison, indent=2))
+            else:
+                print_comparison(comparison)
+            return
         if eval_id:
             row = store.get(eval_id)
             if row is None:

@@ -134,7 +134,9 @@ def _gate_line(gate: dict[str, Any] | None) -> str:
     if not gate:
         return "-"
     return (f"{gate['candidate']} {_pct(gate['candidate_rate'])} vs {gate['current']} {_pct(gate['current_rate'])}"
-            f" (n={gate['n_tasks']}, margin {gate['margin']})")
+            f" (n={gate['n_tasks']}, margin {gate['margin']}"
+            + (f"; fixed {gate['fixed']}, broke {gate['broken']}, McNemar p {gate['p_value']:.2g})" if "fixed" in gate
+               else ")"))
 
 
 def _print_cycle(c: dict[str, Any]) -> None:

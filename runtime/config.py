@@ -96,6 +96,7 @@ class Settings:
     gate_tasks: int = 32  # validation tasks run per side (candidate, current)
     gate_margin: float = 0.0  # promote if candidate rate >= current rate + margin
     gate_tasks_file: Path | None = None  # extra held-out tasks (JSONL: id, question, answer)
+    gate_reuse: bool = True  # reuse what serves now's recorded per-task gate results instead of re-running it
     swap_tolerance: float = 0.1  # max mean |vLLM - local| probe log-prob (nats) to accept a swap
     keep_adapters: int = 2  # adapters kept loaded in vLLM: the active one and its rollback target
 

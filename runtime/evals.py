@@ -72,6 +72,29 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def mcnemar_p(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar p-value: how surprising `fixed` tasks won and `broken` tasks lost
+    would be if both sides were equally good (a binomial test on the tasks whose outcome differs)."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(fixed, broken) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(before: dict[str, bool], after: dict[str, bool]) -> dict[str, Any]:
+    """Two runs of the same tasks (task id -> success), compared task by task: how many the second
+    fixed and broke, and the exact McNemar p-value. With a few dozen tasks the two rates alone hide
+    this: a candidate can fix 11 tasks and break 5, or fix 2 and break 0, for similar rates."""
+    common = sorted(set(before) & set(after))
+    fixed = [t for t in common if after[t] and not before[t]]
+    broken = [t for t in common if before[t] and not after[t]]
+    return {"n": len(common), "before_success": sum(before[t] for t in common),
+            "after_success": sum(after[t] for t in common),
+            "fixed": len(fixed), "broken": len(broken), "p_value": float(f"{mcnemar_p(len(fixed), len(broken)):.3g}"),
+            "fixed_tasks": fixed, "broken_tasks": broken}
+
+
 def _rate(results: Sequence[TaskResult]) -> dict[str, Any]:
     k, n = sum(r.success for r in results), len(results)
     lo, hi = wilson(k, n)

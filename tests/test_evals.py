@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import httpx
@@ -80,6 +81,25 @@ def test_wilson_interval_matches_the_formula_at_the_edges_and_middle() -> None:
     assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
     lo, hi = wilson(30, 30)
     assert lo == pytest.approx(0.8865, abs=1e-4) and hi == 1.0
+
+
+def test_mcnemar_p_is_the_exact_two_sided_binomial_test() -> None:
+    assert evals.mcnemar_p(0, 0) == 1.0
+    assert evals.mcnemar_p(3, 3) == 1.0
+    assert evals.mcnemar_p(5, 0) == pytest.approx(2 / 32)  # 2 * P(X <= 0), X ~ Bin(5, 1/2)
+    assert evals.mcnemar_p(0, 5) == evals.mcnemar_p(5, 0)
+    assert evals.mcnemar_p(11, 5) == pytest.approx(2 * sum(math.comb(16, i) for i in range(6)) / 2 ** 16)
+    assert evals.mcnemar_p(11, 5) == pytest.approx(0.2101, abs=1e-4)
+    assert evals.paired({str(i): False for i in range(27)}, {str(i): i < 24 for i in range(27)})["p_value"] > 0
+
+
+def test_paired_counts_fixed_and_broken_on_common_tasks_only() -> None:
+    before = {"a": True, "b": False, "c": False, "d": True, "only-before": True}
+    after = {"a": True, "b": True, "c": True, "d": False, "only-after": False}
+    d = evals.paired(before, after)
+    assert (d["n"], d["before_success"], d["after_success"]) == (4, 2, 3)
+    assert (d["fixed_tasks"], d["broken_tasks"]) == (["b", "c"], ["d"])
+    assert d["p_value"] == 1.0
 
 
 def test_summary_breaks_down_by_type_and_counts_unparsable_calls_as_invalid() -> None:
@@ -229,3 +249,28 @@ def test_cli_errors_are_one_line_with_an_exit_code(settings: Settings, tmp_path:
     assert shown.exit_code == 0 and json.loads(shown.stdout)["state"] == "failed"
     missing = CliRunner().invoke(main, ["evals", "ev-nope"])
     assert missing.exit_code == 1 and "no eval 'ev-nope'" in missing.stderr
+
+
+def test_cli_compares_two_evals_task_by_task(settings: Settings, store, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HONE_HOME", str(settings.home))
+    tasks = [Task(f"file:t{i}", ({"role": "user", "content": f"q{i}"},), i, "numeric") for i in range(6)]
+    right = {"q0", "q1", "q2"}
+    before = _run(store, tasks, FakeServer(lambda b: {"answer": b["messages"][0]["content"][1:]
+                                                     if b["messages"][0]["content"] in right else "no"}))
+    right = {"q1", "q2", "q3", "q4", "q5"}  # fixes t3 t4 t5, breaks t0
+    after = _run(store, tasks, FakeServer(lambda b: {"answer": b["messages"][0]["content"][1:]
+                                                    if b["messages"][0]["content"] in right else "no"}))
+    out = CliRunner().invoke(main, ["evals", before["id"], "--compare", after["id"], "--json"])
+    assert out.exit_code == 0, out.output
+    c = json.loads(out.stdout)
+    assert (c["n"], c["before_success"], c["after_success"], c["fixed"], c["broken"]) == (6, 3, 5, 3, 1)
+    assert c["fixed_tasks"] == ["t3", "t4", "t5"] and c["broken_tasks"] == ["t0"]
+    assert c["p_value"] == pytest.approx(evals.mcnemar_p(3, 1))
+    text = CliRunner().invoke(main, ["evals", before["id"], "--compare", after["id"]])
+    assert text.exit_code == 0 and "fixed 3, broke 1" in text.stdout and "not significant" in text.stdout
+
+    missing = CliRunner().invoke(main, ["evals", before["id"], "--compare", "ev-nope"])
+    assert missing.exit_code == 1 and "no eval 'ev-nope'" in missing.stderr
+    alone = CliRunner().invoke(main, ["evals", "--compare", after["id"]])
+    assert alone.exit_code == 1 and "needs an EVAL_ID" in alone.stderr

@@ -50,3 +50,54 @@ def test_a_failed_earlier_turn_ends_the_attempt_as_a_failure() -> None:
     service = RecordingService(["tool_error"])
     a = _attempt(service)
     assert not a.success and a.status == "tool_error" and len(service.requests) == 1
+
+
+def test_the_gate_compares_both_sides_task_by_task_and_promotes_on_the_margin() -> None:
+    from learner.gate import run_gate
+    from learner.runner import Attempt
+
+    tasks = [Task(f"file:q{i}", ({"role": "user", "content": f"q{i}"},), i, "numeric") for i in range(6)]
+    solves = {"hone-v2": {0, 1, 2, 3}, "base": {0, 4}}  # candidate fixes q1 q2 q3, breaks q4
+
+    class Runner:
+        async def attempt_all(self, jobs, *, on_done=None):
+            return [Attempt(j["task"], None, "ok", "", int(j["task"].key.split("q")[1]) in solves[j["adapter"]], 2)
+                    for j in jobs]
+
+    gate = asyncio.run(run_gate(Runner(), tasks, candidate="hone-v2", current=None, cycle_id=3, margin=0.0))
+    assert (gate["candidate_successes"], gate["current_successes"], gate["current"]) == (4, 2, "base")
+    assert (gate["fixed"], gate["broken"]) == (3, 1) and gate["p_value"] == 0.625 and gate["promote"]
+    assert gate["results"]["current"] == {f"file:q{i}": i in (0, 4) for i in range(6)}
+    strict = asyncio.run(run_gate(Runner(), tasks, candidate="hone-v2", current=None, cycle_id=3, margin=0.5))
+    assert not strict["promote"]
+
+
+def test_the_gate_reuses_the_current_sides_recorded_results_and_runs_only_what_is_missing() -> None:
+    from learner.gate import recorded_results, run_gate
+    from learner.runner import Attempt
+
+    tasks = [Task(f"file:q{i}", ({"role": "user", "content": f"q{i}"},), i, "numeric") for i in range(4)]
+    ran: list[tuple[str, str]] = []
+
+    class Runner:
+        async def attempt_all(self, jobs, *, on_done=None):
+            ran.extend((j["extra_metadata"]["gate_side"], j["task"].key) for j in jobs)
+            return [Attempt(j["task"], None, "ok", "", j["adapter"] == "hone-v2", 2) for j in jobs]
+
+    # hone-v1 serves; it was measured as cycle 1's candidate on q0-q2 (and as nothing on another model)
+    cycles = [
+        {"gate": {"model": "/m/other", "candidate": "hone-v1", "current": "base",
+                  "results": {"candidate": {"file:q3": True}, "current": {}}}},
+        {"gate": {"model": "/m/smol", "candidate": "hone-v1", "current": "base",
+                  "results": {"candidate": {"file:q0": True, "file:q1": False, "file:q2": True},
+                              "current": {"file:q0": False}}}},
+    ]
+    known = recorded_results(cycles, "hone-v1", "/m/smol")
+    assert known == {"file:q0": True, "file:q1": False, "file:q2": True}
+    assert recorded_results(cycles, "base", "/m/smol") == {"file:q0": False}
+    gate = asyncio.run(run_gate(Runner(), tasks + tasks[:1], candidate="hone-v2", current="hone-v1", cycle_id=2,
+                                margin=0.0, known_current=known))
+    assert sorted(ran) == [("candidate", f"file:q{i}") for i in range(4)] + [("current", "file:q3")]
+    assert gate["n_tasks"] == 4 and gate["current_reused"] == 3
+    assert (gate["candidate_successes"], gate["current_successes"]) == (4, 2)
+    assert (gate["fixed"], gate["broken"]) == (2, 0)

@@ -1,0 +1,78 @@
+"""Train candidates with different learner settings on the same logged pairs, side by side.
+
+A `hone bench loop` run changes the data every cycle, so two runs with different settings differ in
+their pairs too. This script holds the data still: it builds pairs from one HONE_HOME's log exactly as
+a cycle would (same code: collect, build_pairs, the child-process trainer), once per setting, and
+writes each adapter to $HONE_HOME/adapters/<name>, where `hone eval --adapter <name>` finds it.
+
+    HONE_HOME=bench/results/loop/home-... .venv/bin/python bench/sweep.py \\
+        --variant base-settings --variant per-task-1:pairs_per_task=1,max_pairs=32
+    HONE_HOME=... .venv/bin/hone serve --no-learner &      # then, for each variant:
+    HONE_HOME=... .venv/bin/hone eval --tasks $HONE_HOME/gate-tasks.jsonl --adapter per-task-1 --json
+
+Settings are hone's (docs/configuration.md), starting from the environment (HONE_*), then the
+variant's overrides. Results (data counts, training metrics, timings) go to --out as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from learner.cycle import train_config  # noqa: E402
+from learner.pairs import build_pairs, collect  # noqa: E402
+from learner.registry import Registry  # noqa: E402
+from learner.train_process import train_adapter_isolated  # noqa: E402
+from runtime.config import Settings  # noqa: E402
+from runtime.model import ensure_model  # noqa: E402
+from runtime.store import TrajectoryStore  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, str]]:
+    name, _, rest = text.partition(":")
+    overrides = dict(kv.split("=", 1) for kv in rest.split(",") if kv)
+    return name, overrides
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", action="append", required=True, help="NAME[:setting=value,...]")
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines (default $HONE_HOME/sweep.jsonl)")
+    args = ap.parse_args()
+
+    base = Settings.load()
+    out = args.out or base.home / "sweep.jsonl"
+    for text in args.variant:
+        name, overrides = parse_variant(text)
+        env = {f"HONE_{k.upper()}": v for k, v in overrides.items()}
+        s = Settings.load({**os.environ, **env})
+        adapter_dir = s.adapters_dir / name
+        if adapter_dir.exists():
+            print(f"sweep: {adapter_dir} exists, skipping {name}", file=sys.stderr)
+            continue
+        registry = Registry(s.db_path)
+        with registry.locked() as db:
+            groups = collect(db, val_fraction=s.val_fraction)
+        with TrajectoryStore(s.db_path) as store:
+            built = build_pairs(store, groups, per_task=s.pairs_per_task, max_pairs=s.max_pairs,
+                                model_dir=s.model_path)
+        model_dir = ensure_model(s)
+        t0 = time.perf_counter()
+        result = train_adapter_isolated(model_dir, built.pairs, train_config(s), adapter_dir, progress=True)
+        row = {"name": name, "overrides": overrides, "pairs": len(built.pairs),
+               "pair_tasks": len({p.group for p in built.pairs}), "excluded": built.excluded,
+               "train_s": round(time.perf_counter() - t0, 1), "metrics": result.metrics, "counts": result.counts}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("name", "pairs", "pair_tasks", "train_s")}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
