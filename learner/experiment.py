@@ -40,9 +40,9 @@ from .tasks import Task, load_task_file
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
-# The experiment's learner settings, under the user's HONE_* variables and --set: sized so three
-# cycles fit in about an hour on 2 CPU cores. Nothing is served while a cycle trains here, so
-# training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
+# The experiment's learner settings, under the user's HONE_* variables and --set: three cycles take
+# ~85 min on 2 CPU cores (a 200-task gate under LoRA costs 7-10 min of it). Nothing is served while
+# a cycle trains here, so training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
 # are what the model lacks; the NLL term on chosen trajectories is Iterative RPO's (Pang et al.
 # 2024), which found DPO alone barely moves self-generated math pairs. Agent runs (exploration,
 # gate) go 16 at a time: vLLM's batches keep 2 cores busier than 8 did (~1.6x the runs per second).
