@@ -274,3 +274,13 @@ def test_cli_compares_two_evals_task_by_task(settings: Settings, store, tmp_path
     assert missing.exit_code == 1 and "no eval 'ev-nope'" in missing.stderr
     alone = CliRunner().invoke(main, ["evals", "--compare", after["id"]])
     assert alone.exit_code == 1 and "needs an EVAL_ID" in alone.stderr
+
+
+def test_cli_refuses_to_compare_evals_of_different_task_files(settings: Settings, store,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HONE_HOME", str(settings.home))
+    first = _run(store, [SINGLE], FakeServer(lambda b: {"answer": "42"}))
+    other = asyncio.run(run_eval(store, [SINGLE], server="http://hone.test", headers={}, tasks_file="other.jsonl",
+                                 options=EvalOptions(), transport=httpx.MockTransport(FakeServer(lambda b: {"answer": "1"}))))
+    out = CliRunner().invoke(main, ["evals", first["id"], "--compare", other["id"]])
+    assert out.exit_code == 1 and "only evals of the same task file" in out.stderr and "Traceback" not in out.output
