@@ -68,7 +68,7 @@ class LoopConfig:
     heldout_limit: int = 40
     suites: tuple[Path, ...] = (REPO / "tasks" / "storage.jsonl", REPO / "tasks" / "python.jsonl")
     suite_limit: int = 12
-    concurrency: int = 8
+    concurrency: int = 16  # traffic and evals; vLLM batches keep 2 cores busier at 16 than at 8
     out: Path = REPO / "bench" / "results" / "loop"
     model: str | None = None  # a prepared model directory (HONE_MODEL); default: the embedded SmolLM2
     server_env: dict[str, str] = field(default_factory=dict)  # extra HONE_* settings for the server

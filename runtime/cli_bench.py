@@ -27,7 +27,7 @@ def bench_cmd() -> None:
 @click.option("--suite", "suites", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="other suites evaluated each cycle (default tasks/storage.jsonl and tasks/python.jsonl)")
 @click.option("--suite-limit", type=click.IntRange(1), default=12, show_default=True)
-@click.option("--concurrency", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--model", help="prepared model directory to serve (HONE_MODEL); default: the embedded SmolLM2")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="results folder (default bench/results/loop)")
 @click.option("--set", "settings", multiple=True, metavar="HONE_X=V",
