@@ -33,7 +33,7 @@ BETA, LR, ACCUMULATE = 0.1, 5e-5, 4
 
 def make_pairs(model_dir: Path, n: int, length: int) -> list[dict]:
     """Text pairs whose prompt + completion tokenize to exactly `length` tokens (as token ids too)."""
-    from runtime.model import load_tokenizer
+    from runtime.rendering import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     questions = [json.loads(line)["question"] for line in (REPO / "bench/data/mawps-sample.jsonl").open()]
@@ -85,7 +85,7 @@ def worker_trl(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf
     from trl import DPOConfig, DPOTrainer
 
     from learner.train import peak_rss_mb
-    from runtime.model import load_tokenizer
+    from runtime.rendering import load_tokenizer
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ PROBE_MESSAGES = [
 
 def probe_prompt_ids(model_dir: str | Path) -> list[int]:
     """The probe prompt rendered with the serving template (no tool list: keeps it short)."""
-    from runtime.model import render_ids
+    from runtime.rendering import render_ids
 
     return render_ids(PROBE_MESSAGES, None, model_dir, add_generation_prompt=True)
 

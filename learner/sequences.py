@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from runtime.model import split_last_turn
+from runtime.rendering import split_last_turn
 from tools.specs import TOOL_SPECS
 
 from .types import TokenSequence

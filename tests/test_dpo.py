@@ -195,7 +195,7 @@ def test_broken_adapters_are_refused_with_a_reason(adapter_dir: Path, damage, re
 
 def _real_pairs(model_dir: Path) -> list[Pair]:
     """Two tasks, each with a correct (chosen) and a wrong (rejected) tool call, rendered as served."""
-    from runtime.model import split_last_turn
+    from runtime.rendering import split_last_turn
     from tools.specs import TOOL_SPECS
 
     def seq(question: str, expression: str) -> TokenSequence:

@@ -1,4 +1,4 @@
-"""runtime.model and runtime/chat_template.jinja: preparing the embedded model, and THE template.
+"""runtime.model, runtime.rendering and runtime/chat_template.jinja: preparing the embedded model, and THE template.
 
 The prepared model (~20 s to build) is made once per checkout in .hone-test/model (the directory
 tests/integration_support.py uses too) and reused: prepare_model is idempotent, so later runs take
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from runtime import model as M
+from runtime import rendering as R
 from runtime.config import Settings
 
 TEST_MODEL_DIR = Path(__file__).resolve().parent.parent / ".hone-test" / "model"
@@ -278,7 +279,7 @@ def test_load_chat_template_errors(tmp_path):
 
 
 def test_tools_go_into_the_system_turn(model_dir):
-    text = M.render([SYSTEM, {"role": "user", "content": "hi"}], TOOLS, model_dir)
+    text = R.render([SYSTEM, {"role": "user", "content": "hi"}], TOOLS, model_dir)
     system, rest = text.split("<|im_end|>\n", 1)
     assert system.startswith("<|im_start|>system\n" + SYSTEM["content"] + "\n\nYou may call one or more functions")
     assert DEFAULT_SYSTEM not in text
@@ -292,24 +293,24 @@ def test_tools_go_into_the_system_turn(model_dir):
 
 def test_default_system_prompt(model_dir):
     user = [{"role": "user", "content": "hi"}]
-    plain = M.render(user, None, model_dir)
+    plain = R.render(user, None, model_dir)
     assert plain == f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    with_tools = M.render(user, TOOLS, model_dir)
+    with_tools = R.render(user, TOOLS, model_dir)
     assert with_tools.startswith(f"<|im_start|>system\n{DEFAULT_SYSTEM}\n\nYou may call")
     # a system message replaces the default; no tools -> no tool block
-    own = M.render([SYSTEM, *user], None, model_dir, add_generation_prompt=False)
+    own = R.render([SYSTEM, *user], None, model_dir, add_generation_prompt=False)
     assert own == f"<|im_start|>system\n{SYSTEM['content']}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
 
 
 def test_tool_without_description_and_bare_function(model_dir):
     bare = [{"name": "noop", "parameters": {"type": "object", "properties": {}}}]
-    text = M.render([{"role": "user", "content": "x"}], bare, model_dir)
+    text = R.render([{"role": "user", "content": "x"}], bare, model_dir)
     assert '\n{"name": "noop", "parameters": {"type": "object", "properties": {}}}\n</tools>' in text
 
 
 def test_tool_calls_and_results_render(model_dir):
     conv = CONVERSATIONS["content+two-calls"]
-    text = M.render(conv[:5], TOOLS, model_dir, add_generation_prompt=True)
+    text = R.render(conv[:5], TOOLS, model_dir, add_generation_prompt=True)
     assert text.endswith(
         "<|im_start|>assistant\nLet me do that.\n"
         '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}\n</tool_call>\n'
@@ -324,47 +325,47 @@ def test_tool_calls_and_results_render(model_dir):
 def test_arguments_string_or_dict_render_identically(model_dir):
     args = {"b": 1, "a": [1, 2], "c": {"z": "é", "y": None}}  # key order kept, no ASCII escaping
     conv = [{"role": "user", "content": "go"}]
-    as_str = M.render(conv + [{"role": "assistant", "tool_calls": [call("python", args)]}], TOOLS, model_dir)
-    as_dict = M.render(conv + [{"role": "assistant", "tool_calls": [call("python", args, as_string=False)]}], TOOLS, model_dir)
+    as_str = R.render(conv + [{"role": "assistant", "tool_calls": [call("python", args)]}], TOOLS, model_dir)
+    as_dict = R.render(conv + [{"role": "assistant", "tool_calls": [call("python", args, as_string=False)]}], TOOLS, model_dir)
     assert as_str == as_dict
     assert '<tool_call>\n{"name": "python", "arguments": ' + json.dumps(args, ensure_ascii=False) + "}\n</tool_call>" in as_str
     # like vLLM: invalid JSON arguments become {}
     bad = {"role": "assistant", "tool_calls": [{"id": "x", "type": "function", "function": {"name": "python", "arguments": "{oops"}}]}
-    assert '{"name": "python", "arguments": {}}' in M.render(conv + [bad], TOOLS, model_dir)
+    assert '{"name": "python", "arguments": {}}' in R.render(conv + [bad], TOOLS, model_dir)
 
 
 def test_normalize_messages_does_not_mutate():
     msg = {"role": "assistant", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
            "tool_calls": [call("calculator", {"expression": "1"})]}
     original = json.dumps(msg)
-    out = M.normalize_messages([msg])
+    out = R.normalize_messages([msg])
     assert json.dumps(msg) == original
     assert out[0]["content"] == "a\nb"
     assert out[0]["tool_calls"][0]["function"]["arguments"] == {"expression": "1"}
-    assert "tool_calls" not in M.normalize_messages([{"role": "assistant", "content": "x", "tool_calls": []}])[0]
+    assert "tool_calls" not in R.normalize_messages([{"role": "assistant", "content": "x", "tool_calls": []}])[0]
 
 
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_prefix_consistency(model_dir, name):
     """render(conv[:k]) + generated + <|im_end|> is a prefix of render(conv[:k+1]), as text and as ids."""
     conv = CONVERSATIONS[name]
-    tok = M.load_tokenizer(model_dir)
-    eos = tok.convert_tokens_to_ids(M.END_TOKEN)
+    tok = R.load_tokenizer(model_dir)
+    eos = tok.convert_tokens_to_ids(R.END_TOKEN)
     checked = 0
     for k, message in enumerate(conv):
         if message["role"] != "assistant":
             continue
-        prompt_text = M.render(conv[:k], TOOLS, model_dir, add_generation_prompt=True)
-        full_text = M.render(conv[: k + 1], TOOLS, model_dir, add_generation_prompt=False)
+        prompt_text = R.render(conv[:k], TOOLS, model_dir, add_generation_prompt=True)
+        full_text = R.render(conv[: k + 1], TOOLS, model_dir, add_generation_prompt=False)
         assert full_text.startswith(prompt_text)
-        generated, sep, tail = full_text[len(prompt_text):].partition(M.END_TOKEN)
+        generated, sep, tail = full_text[len(prompt_text):].partition(R.END_TOKEN)
         assert sep and tail == "\n"
-        prompt_ids, completion_ids = M.split_last_turn(conv[: k + 1], TOOLS, model_dir)
-        assert prompt_ids == M.render_ids(conv[:k], TOOLS, model_dir)
+        prompt_ids, completion_ids = R.split_last_turn(conv[: k + 1], TOOLS, model_dir)
+        assert prompt_ids == R.render_ids(conv[:k], TOOLS, model_dir)
         # what the model samples token by token, then eos, is exactly the re-rendered turn
         assert completion_ids == tok.encode(generated, add_special_tokens=False) + [eos]
-        assert tok.decode(completion_ids) == generated + M.END_TOKEN
-        later = M.render_ids(conv, TOOLS, model_dir, add_generation_prompt=False)
+        assert tok.decode(completion_ids) == generated + R.END_TOKEN
+        later = R.render_ids(conv, TOOLS, model_dir, add_generation_prompt=False)
         assert later[: len(prompt_ids) + len(completion_ids)] == prompt_ids + completion_ids
         checked += 1
     assert checked >= 2
@@ -372,10 +373,10 @@ def test_prefix_consistency(model_dir, name):
 
 def test_render_ids_has_no_bos_and_matches_text(model_dir):
     conv = CONVERSATIONS["few-shot"]
-    ids = M.render_ids(conv, TOOLS, model_dir)
-    tok = M.load_tokenizer(model_dir)
+    ids = R.render_ids(conv, TOOLS, model_dir)
+    tok = R.load_tokenizer(model_dir)
     assert isinstance(ids, list) and all(isinstance(i, int) for i in ids)
-    assert tok.decode(ids) == M.render(conv, TOOLS, model_dir)
+    assert tok.decode(ids) == R.render(conv, TOOLS, model_dir)
     assert ids[:3] == tok.encode("<|im_start|>system\n", add_special_tokens=False)
 
 
@@ -385,21 +386,21 @@ def test_hermes_parser_round_trip(model_dir):
     pytest.importorskip("vllm")
     from vllm.tool_parsers.hermes_tool_parser import Hermes2ProToolParser
 
-    tok = M.load_tokenizer(model_dir)
+    tok = R.load_tokenizer(model_dir)
     assert "<tool_call>" not in tok.get_vocab()
     conv = CONVERSATIONS["content+two-calls"]
-    _, completion = M.split_last_turn(conv[:3], TOOLS, model_dir)
+    _, completion = R.split_last_turn(conv[:3], TOOLS, model_dir)
     output = tok.decode(completion[:-1])
     result = Hermes2ProToolParser(tok).extract_tool_calls(output, request=None)
     assert result.tools_called and result.content == "Let me do that.\n"
     parsed = [{"name": c.function.name, "arguments": json.loads(c.function.arguments)} for c in result.tool_calls]
-    expected = [{"name": c["function"]["name"], "arguments": M.normalize_messages([conv[2]])[0]["tool_calls"][i]["function"]["arguments"]}
+    expected = [{"name": c["function"]["name"], "arguments": R.normalize_messages([conv[2]])[0]["tool_calls"][i]["function"]["arguments"]}
                 for i, c in enumerate(conv[2]["tool_calls"])]
     assert parsed == expected
     # re-rendering what the parser returned reproduces the generated tokens exactly
     again = {"role": "assistant", "content": result.content,
              "tool_calls": [{"id": "z", "type": "function", "function": {"name": c.function.name, "arguments": c.function.arguments}} for c in result.tool_calls]}
-    assert M.split_last_turn(conv[:2] + [again], TOOLS, model_dir)[1] == completion
+    assert R.split_last_turn(conv[:2] + [again], TOOLS, model_dir)[1] == completion
 
 
 def test_prepared_weights_generate_a_tool_call(model_dir):
@@ -410,8 +411,8 @@ def test_prepared_weights_generate_a_tool_call(model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, local_files_only=True)
     conv = [SYSTEM, *EXAMPLES, {"role": "user", "content": "Ben has 45 marbles. He gives 15 to his friend. How many marbles does Ben have left?"}]
-    ids = M.render_ids(conv, TOOLS, model_dir)
+    ids = R.render_ids(conv, TOOLS, model_dir)
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)
-    text = M.load_tokenizer(model_dir).decode(out[0, len(ids):])
+    text = R.load_tokenizer(model_dir).decode(out[0, len(ids):])
     assert re.fullmatch(r'<tool_call>\n\{"name": "calculator", "arguments": \{"expression": "[^"]+"\}\}\n</tool_call><\|im_end\|>', text), text

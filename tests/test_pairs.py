@@ -224,6 +224,7 @@ TEST_MODEL_DIR = Path(__file__).resolve().parent.parent / ".hone-test" / "model"
 def test_rendering_fallback_masks_exactly_the_assistant_turns(store: TrajectoryStore) -> None:
     """Runs logged without token ids are re-rendered with the real template and tokenizer (~4 s)."""
     from runtime import model as M
+    from runtime import rendering as R
 
     if importlib.util.find_spec(M.GGUF_MODULE) is None:
         pytest.skip(f"{M.GGUF_PACKAGE} not installed: no prepared model")
@@ -233,7 +234,7 @@ def test_rendering_fallback_masks_exactly_the_assistant_turns(store: TrajectoryS
             {"role": "tool", "content": "1", "tool_call_id": "c1", "name": "python"},
             {"role": "assistant", "content": "It printed 1.", "generated": True}]
     seq = trajectory_sequence(logged(store, msgs), model_dir=model_dir)
-    tok = M.load_tokenizer(model_dir)
+    tok = R.load_tokenizer(model_dir)
     gen_text = tok.decode([i for i, m in zip(seq.ids, seq.mask) if m])
     ctx_text = tok.decode([i for i, m in zip(seq.ids, seq.mask) if not m])
     assert gen_text == ('<tool_call>\n{"name": "python", "arguments": {"code": "6*7"}}\n</tool_call><|im_end|>'
@@ -242,7 +243,7 @@ def test_rendering_fallback_masks_exactly_the_assistant_turns(store: TrajectoryS
     assert "It printed" not in ctx_text and '"arguments": {"code": "6*7"}' not in ctx_text
     # the whole sequence is the rendered conversation, up to the last <|im_end|>
     plain = [{k: v for k, v in m.items() if k != "generated"} for m in msgs]
-    full = M.render_ids(plain, TOOL_SPECS, model_dir, add_generation_prompt=False)
+    full = R.render_ids(plain, TOOL_SPECS, model_dir, add_generation_prompt=False)
     assert list(seq.ids) == full[: len(seq.ids)] and len(full) - len(seq.ids) <= 1  # at most a final "\n"
 
 
