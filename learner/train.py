@@ -6,7 +6,8 @@
 
 Costs, on a CPU: the reference log-probs are computed once per pair before training (not once per
 epoch), the vocabulary projection runs only at generated positions (learner/dpo.py), and each pair
-is one forward of two rows, so no compute goes to padding across pairs.
+is one forward of two rows, so no compute goes to padding across pairs, and the rows' shared prefix
+(prompt, examples, question: most of each trajectory) runs once (learner/dpo.py pair_logps).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from typing import Any
 
 import torch
 
-from .dpo import dpo_loss, sequence_logps
+from .dpo import dpo_loss, pair_logps
 from .probe import make_probe, probe_prompt_ids
-from .types import Pair, TokenSequence
+from .types import Pair
 
 
 class TrainingError(RuntimeError):
@@ -68,20 +69,6 @@ def _use_bf16(cfg: TrainConfig) -> bool:
     if cfg.bf16_autocast is not None:
         return cfg.bf16_autocast
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def _rows(*seqs: TokenSequence) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ids, generated-mask, attention-mask for sequences right-padded to the longest."""
-    width = max(len(s.ids) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    attention = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        n = len(s.ids)
-        ids[i, :n] = torch.tensor(s.ids)
-        mask[i, :n] = torch.tensor(s.mask)
-        attention[i, :n] = 1
-    return ids, mask, attention
 
 
 def _load_policy(model_dir: str | Path, cfg: TrainConfig, parent_adapter: str | Path | None):
@@ -142,7 +129,7 @@ def train_adapter(
     reference: list[torch.Tensor] = []
     with torch.no_grad(), model.disable_adapter(), autocast():
         for p in usable:
-            logps, _ = sequence_logps(model, *_rows(p.chosen, p.rejected))
+            logps, _ = pair_logps(model, p.chosen.ids, p.chosen.mask, p.rejected.ids, p.rejected.mask)
             reference.append(logps.float())
     timings["reference_s"] = time.perf_counter() - t0
 
@@ -166,7 +153,8 @@ def train_adapter(
             for i in batch:  # gradient accumulation: one pair (two rows) per forward
                 pair = usable[i]
                 with autocast():
-                    logps, n_tokens = sequence_logps(model, *_rows(pair.chosen, pair.rejected))
+                    logps, n_tokens = pair_logps(model, pair.chosen.ids, pair.chosen.mask,
+                                                 pair.rejected.ids, pair.rejected.mask)
                 logps = logps.float()
                 nll = -logps[0] / n_tokens[0]
                 losses, chosen_r, rejected_r = dpo_loss(logps[0:1], logps[1:2], reference[i][0:1], reference[i][1:2],

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.dpo import dpo_loss, sequence_logps
+from learner.dpo import dpo_loss, padded_rows, pair_logps, sequence_logps
 from learner.probe import check_adapter_files, probe_adapter, probe_prompt_ids
 from learner.train import TrainConfig, TrainingError, train_adapter
 from learner.types import Pair, TokenSequence
@@ -136,6 +136,60 @@ def test_no_gradient_reaches_the_positions_that_predict_tool_output(tiny_model) 
     predicts_generated = torch.tensor(MASK[1:] + [0]).bool()
     assert (per_position[~predicts_generated] == 0).all()
     assert (per_position[predicts_generated] > 0).all()
+
+
+def _lora(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    # non-zero B matrices, so the adapter changes every output and its gradients are not trivially zero
+    return get_peft_model(tiny_model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 init_lora_weights=False))
+
+
+def _pair_values_and_grads(model, fn):
+    model.zero_grad()
+    logps, n = fn()
+    (2 * logps[0] - logps[1]).backward()
+    return logps.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+SHARED = list(range(10, 30))  # 20 tokens both attempts start with (prompt, question, ...)
+
+
+@pytest.mark.parametrize("chosen, chosen_mask, rejected, rejected_mask", [
+    # the attempts part after the prompt; one of them longer (right padding)
+    (SHARED + [40, 41, 42, 43], [0] * 20 + [1] * 4, SHARED + [50, 51, 52, 53, 54, 55, 56], [0] * 20 + [1] * 7),
+    # they share generated tokens (the same start of a tool call), then a tool output the mask leaves out
+    (SHARED + [40, 41, 42, 60, 61, 43], [0] * 16 + [1] * 7 + [0] * 2 + [1],
+     SHARED + [40, 41, 44, 62, 45], [0] * 16 + [1] * 7 + [0] + [1]),
+    # one attempt is the other plus more turns: each row keeps one token of its own to run
+    (SHARED + [40, 41], [0] * 20 + [1] * 2, SHARED + [40, 41, 70, 71], [0] * 20 + [1] * 4),
+    # nothing shared but the first token
+    ([1, 5, 6, 7, 8], [0, 0, 1, 1, 1], [1, 9, 9, 9], [0, 0, 1, 1]),
+])
+def test_pair_logps_equals_running_both_rows_whole(tiny_model, chosen, chosen_mask, rejected, rejected_mask) -> None:
+    """Running the shared prefix once is an optimisation, not an approximation: same log-probs, same
+    token counts and the same LoRA gradients as the two full rows (fp32)."""
+    model = _lora(tiny_model)
+    try:
+        shared = _pair_values_and_grads(model, lambda: pair_logps(model, chosen, chosen_mask, rejected, rejected_mask))
+        whole = _pair_values_and_grads(model, lambda: sequence_logps(
+            model, *padded_rows((chosen, chosen_mask), (rejected, rejected_mask))))
+    finally:
+        model.unload()
+    assert torch.allclose(shared[0], whole[0], atol=1e-5) and torch.equal(shared[1], whole[1])
+    assert shared[2].keys() == whole[2].keys() and len(shared[2]) > 0
+    assert all(torch.allclose(shared[2][k], whole[2][k], atol=1e-5) for k in whole[2])
+
+
+def test_pair_logps_runs_the_shared_prefix_once(tiny_model) -> None:
+    seen: list[tuple[int, int]] = []
+    handle = tiny_model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    try:
+        pair_logps(tiny_model, SHARED + [40, 41], [0] * 20 + [1] * 2, SHARED + [50, 51, 52], [0] * 20 + [1] * 3)
+    finally:
+        handle.remove()
+    assert seen == [(1, 20), (2, 3)]  # 26 token positions embedded, not 2 x 23
 
 
 # --- adapter files -----------------------------------------------------------------------------
