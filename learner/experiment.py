@@ -40,8 +40,8 @@ from .tasks import Task, load_task_file
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
-# The experiment's learner settings, under the user's HONE_* variables and --set: three cycles take
-# ~85 min on 2 CPU cores (a 200-task gate under LoRA costs 7-10 min of it). Nothing is served while
+# The experiment's learner settings, under the user's HONE_* variables and --set: three cycles took
+# 100 min on 2 CPU cores (run 6: per cycle ~15 min training, 7-9 min gate, 3-7 min exploring). Nothing is served while
 # a cycle trains here, so training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
 # are what the model lacks; the NLL term on chosen trajectories is Iterative RPO's (Pang et al.
 # 2024), which found DPO alone barely moves self-generated math pairs. Agent runs (exploration,
