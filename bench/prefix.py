@@ -7,7 +7,7 @@ projections, bf16 autocast where the CPU has it), alternating the two methods pa
 see the same machine state. It also reports how far their log-probs differ (bf16 rounding only:
 in fp32 they agree to 1e-5, tests/test_dpo.py).
 
-    HONE_HOME=bench/results/loop-run6/home-... .venv/bin/python bench/prefix.py [--pairs 8] [--repeats 2]
+    HONE_HOME=bench/results/loop/home-... HONE_PAIRS_PER_TASK=1 .venv/bin/python bench/prefix.py [--pairs 8] [--repeats 2]
 
 Pairs are built from $HONE_HOME's log exactly as a cycle builds them (collect, build_pairs, the
 settings in the environment). Results: stdout (markdown) and --out (JSON).
