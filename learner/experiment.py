@@ -41,7 +41,9 @@ from .tasks import Task, load_task_file
 REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # The experiment's learner settings, under the user's HONE_* variables and --set: three cycles took
-# 100 min on 2 CPU cores (run 6: per cycle ~15 min training, 7-9 min gate, 3-7 min exploring). Nothing is served while
+# 100 min on 2 CPU cores (run 6: per cycle ~15 min training, 7-9 min gate, 3-7 min exploring);
+# the shared-prefix trainer since cut a cycle's training ~1.7x (run 7), so ~80 min is expected.
+# Nothing is served while
 # a cycle trains here, so training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
 # are what the model lacks; the NLL term on chosen trajectories is Iterative RPO's (Pang et al.
 # 2024), which found DPO alone barely moves self-generated math pairs. Agent runs (exploration,
