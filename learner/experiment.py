@@ -43,8 +43,7 @@ FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # The experiment's learner settings, under the user's HONE_* variables and --set: three cycles took
 # 100 min on 2 CPU cores (run 6: per cycle ~15 min training, 7-9 min gate, 3-7 min exploring);
 # the shared-prefix trainer since cut a cycle's training ~1.7x (run 7), so ~80 min is expected.
-# Nothing is served while
-# a cycle trains here, so training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
+# Nothing is served while a cycle trains here, so training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
 # are what the model lacks; the NLL term on chosen trajectories is Iterative RPO's (Pang et al.
 # 2024), which found DPO alone barely moves self-generated math pairs. Agent runs (exploration,
 # gate) go 16 at a time: vLLM's batches keep 2 cores busier than 8 did (~1.6x the runs per second).
