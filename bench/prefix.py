@@ -29,22 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from learner.cycle import train_config  # noqa: E402
-from learner.dpo import padded_rows, pair_logps, sequence_logps  # noqa: E402
+from learner.dpo import padded_rows, pair_logps, sequence_logps, shared_prefix_length  # noqa: E402
 from learner.pairs import build_pairs, collect  # noqa: E402
 from learner.registry import Registry  # noqa: E402
 from learner.train import _load_policy, _use_bf16  # noqa: E402
 from runtime.config import Settings  # noqa: E402
 from runtime.model import ensure_model  # noqa: E402
 from runtime.store import TrajectoryStore  # noqa: E402
-
-
-def shared_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def step(model, pair, method: str, bf16: bool) -> tuple[float, torch.Tensor]:
@@ -96,7 +87,7 @@ def main() -> int:
             times["shared"].append(t_shared)
         diffs.append(float((lp_whole - lp_shared).abs().max()))
 
-    lengths = [(len(p.chosen.ids), len(p.rejected.ids), shared_prefix(p.chosen.ids, p.rejected.ids)) for p in pairs]
+    lengths = [(len(p.chosen.ids), len(p.rejected.ids), shared_prefix_length(p.chosen.ids, p.rejected.ids)) for p in pairs]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {cfg.threads}",
         "home": str(s.home), "pairs": len(pairs), "repeats": args.repeats, "bf16_autocast": bf16,

@@ -70,12 +70,7 @@ def pair_logps(model: torch.nn.Module, chosen: Sequence[int], chosen_mask: Seque
     keys and values. Causal attention makes this exact: a position's hidden state depends only on
     the tokens up to it, which are the same in both rows inside the prefix.
     """
-    prefix = 0
-    for a, b in zip(chosen, rejected):
-        if a != b:
-            break
-        prefix += 1
-    prefix = min(prefix, len(chosen) - 1, len(rejected) - 1)  # each row keeps a token of its own to run
+    prefix = min(shared_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)  # each row keeps a token of its own to run
     lm = _causal_lm(model)
     ids, mask, attention = padded_rows((chosen, chosen_mask), (rejected, rejected_mask))
     if prefix < 1 or getattr(lm, "is_gradient_checkpointing", False):  # checkpointing keeps no cache
@@ -88,6 +83,16 @@ def pair_logps(model: torch.nn.Module, chosen: Sequence[int], chosen_mask: Seque
                      use_cache=True).last_hidden_state  # (2, T - prefix, H)
     hidden = torch.cat([shared.last_hidden_state.expand(2, -1, -1), tails], dim=1)
     return _masked_logps(lm, hidden, ids, mask)
+
+
+def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def padded_rows(*rows: tuple[Sequence[int], Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
