@@ -47,6 +47,7 @@ class Settings:
     vllm_max_lora_rank: int = 16
     vllm_max_loras: int = 2
     vllm_extra_args: str = ""
+    vllm_grouped_lora: bool = True  # CPU: one LoRA matmul per adapter, not per token (runtime/vllm_lora_cpu.py)
     vllm_startup_timeout_s: float = 600.0
 
     # Agent

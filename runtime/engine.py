@@ -77,6 +77,7 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
         TMPDIR=str(tmp),
+        HONE_VLLM_GROUPED_LORA="1" if settings.vllm_grouped_lora else "0",
     )
     return env
 

@@ -58,6 +58,12 @@ def hone(server, *args: str, timeout: float = 900) -> subprocess.CompletedProces
     return subprocess.run([HONE, *args], env=server.env, capture_output=True, text=True, timeout=timeout)
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def cycles(server) -> dict:
     return httpx.get(server.url + "/v1/learner/cycles", timeout=30).json()
 
@@ -89,6 +95,8 @@ def test_hone_train_runs_a_real_cycle_and_promotes(server) -> None:
     gate = cycle["gate"]
     assert gate["n_tasks"] == 4 and gate["current"] == "base" and 0 <= gate["candidate_rate"] <= 1
     assert counts["swap"]["ok"] is True and counts["swap"]["diff_vs_trained"] <= 0.1
+    if not _has_cuda():  # on CPU the verified swap above went through hone's grouped LoRA ops
+        assert "Using GroupedPunicaWrapperCPU" in (server.home / "logs" / "vllm.log").read_text(errors="replace")
 
     adapter_dir = server.home / "adapters" / "hone-v1"
     assert (adapter_dir / "adapter_model.safetensors").is_file() and (adapter_dir / "hone-adapter.json").is_file()
