@@ -15,9 +15,7 @@ shared by a writer thread, request handlers and the CLI:
 
 from __future__ import annotations
 
-import base64
 import builtins  # `list` is a method name here; annotations after it need the builtin
-import binascii
 import json
 import math
 import threading
@@ -31,11 +29,10 @@ import sqlite_utils
 
 from . import schema
 from .schema import decode_message, decode_trajectory, encode_json, message_rows, summarize
+from .store_query import decode_cursor, encode_cursor, filter_sql
 
 FINAL_STATUSES = tuple(s for s in schema.STATUSES if s != "running")
 MAX_LIMIT = 10_000  # a page is held in memory; the CLI allows up to this many rows
-
-_CURSOR_PREFIX = "v1:"
 
 
 class NotFound(LookupError):
@@ -44,61 +41,6 @@ class NotFound(LookupError):
 
 class StoreClosed(RuntimeError):
     """The store was closed; open a new TrajectoryStore."""
-
-
-def encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode((_CURSOR_PREFIX + last_id).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> str:
-    """The id a cursor points after; ValueError if it is not a cursor this store produced."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raw = ""
-    last_id = raw.removeprefix(_CURSOR_PREFIX)
-    if not raw.startswith(_CURSOR_PREFIX) or not schema.TRAJECTORY_ID_RE.match(last_id):
-        raise ValueError(
-            f"invalid cursor {cursor!r}: pass back the next_cursor value from a previous list() call, unchanged"
-        )
-    return last_id
-
-
-def _filter_sql(
-    *,
-    status: str | None,
-    label: str | None,
-    adapter: str | None,
-    caller: str | None,
-    source: str | None,
-    task_id: str | None,
-    request_key: str | None,
-    since: float | None,
-    until: float | None,
-) -> tuple[list[str], list[Any]]:
-    if status is not None and status not in schema.STATUSES:
-        raise ValueError(f"unknown status {status!r}; expected one of {', '.join(schema.STATUSES)}")
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, value in (
-        ("status", status), ("label", label), ("caller", caller), ("source", source),
-        ("task_id", task_id), ("request_key", request_key),
-    ):
-        if value is not None:
-            clauses.append(f"{column} = ?")
-            params.append(value)
-    if adapter == "base":  # the base model is stored as NULL
-        clauses.append("adapter IS NULL")
-    elif adapter is not None:
-        clauses.append("adapter = ?")
-        params.append(adapter)
-    for op, bound, name in ((">=", since, "since"), ("<", until, "until")):
-        if bound is not None:
-            if isinstance(bound, bool) or not isinstance(bound, (int, float)):
-                raise ValueError(f"{name} must be unix seconds (a number), got {bound!r}")
-            clauses.append(f"created_at {op} ?")
-            params.append(float(bound))
-    return clauses, params
 
 
 class TrajectoryStore:
@@ -348,7 +290,7 @@ class TrajectoryStore:
         ``since``/``until`` bound ``created_at`` (unix seconds, ``since <= created_at < until``)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIMIT:
             raise ValueError(f"limit must be an integer between 1 and {MAX_LIMIT}, got {limit!r}")
-        clauses, params = _filter_sql(
+        clauses, params = filter_sql(
             status=status, label=label, adapter=adapter, caller=caller, source=source, task_id=task_id,
             request_key=request_key, since=since, until=until,
         )
@@ -377,7 +319,7 @@ class TrajectoryStore:
         until: float | None = None,
     ) -> int:
         """How many trajectories match the filters (same meaning as in ``list``)."""
-        clauses, params = _filter_sql(
+        clauses, params = filter_sql(
             status=status, label=label, adapter=adapter, caller=caller, source=source, task_id=task_id,
             request_key=request_key, since=since, until=until,
         )
@@ -404,7 +346,7 @@ class TrajectoryStore:
         While it is open the WAL cannot be checkpointed past it, so don't leave one half-consumed.
         """
         self._check_open()
-        clauses, params = _filter_sql(
+        clauses, params = filter_sql(
             status=status, label=label, adapter=adapter, caller=caller, source=source, task_id=task_id,
             request_key=request_key, since=since, until=until,
         )
