@@ -90,6 +90,9 @@ def plot(result: dict[str, Any], path: Path) -> bool:
                 if r.get("evals") and r["status"] == "rejected"]
         if cand:
             ax.plot(*zip(*cand), "x", color=colour, markersize=8, label=f"{pool} (rejected candidate)")
+    target = (result.get("verdicts") or {}).get("target")
+    if target is not None:
+        ax.axhline(100 * target, color="C0", linestyle="--", linewidth=1, label="held-out target (issue 4)")
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(["base" if r["status"] == "base" else f"cycle {k}" for k, r in enumerate(rows)])
     ax.set_ylabel("success rate (%)")

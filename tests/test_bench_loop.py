@@ -56,6 +56,7 @@ def test_table_and_report_files(tmp_path: Path) -> None:
     assert "| cycle 1 | hone-v1 | promoted | 8/32 | 50.0% vs 40.0% (n=24) | 30.0% (12/40) | 50.0% (6/12) | 20 | 48 | 1 | 300 | 400 |" in t
     text = write_report(r, tmp_path)
     assert (tmp_path / "loop.md").read_text() == text and "REACHED" not in text and "not reached" in text
+    assert (tmp_path / "loop.png").is_file() == ("plot: skipped" not in text)  # skipped only without matplotlib
 
 
 def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
