@@ -41,11 +41,12 @@ from .tasks import Task, load_task_file
 REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # The experiment's learner settings, under the user's HONE_* variables and --set: three cycles took
-# 100 min on 2 CPU cores (run 6: per cycle ~15 min training, 7-9 min gate, 3-7 min exploring);
-# the shared-prefix trainer since cut a cycle's training ~1.7x (run 7), so ~80 min is expected.
-# Nothing is served while a cycle trains here, so training gets every core. Exploration is cheap next to training (192 rollouts ~2 min) and pairs
-# are what the model lacks; the NLL term on chosen trajectories is Iterative RPO's (Pang et al.
-# 2024), which found DPO alone barely moves self-generated math pairs. Agent runs (exploration,
+# 46 min on 2 CPU cores (run 8: per cycle 3-8 min training, 3-5 min gate, 2-3 min exploring), down
+# from 100 (run 6) with the shared-prefix trainer and the grouped LoRA serving ops.
+# Nothing is served while a cycle trains here, so training gets every core. Exploration is cheap
+# next to training (192 rollouts ~2.5 min) and pairs are what the model lacks; the NLL term on
+# chosen trajectories is Iterative RPO's (Pang et al. 2024), which found DPO alone barely moves
+# self-generated math pairs. Agent runs (exploration,
 # gate) go 16 at a time: vLLM's batches keep 2 cores busier than 8 did (~1.6x the runs per second).
 # One pair per task: on the same logged data, 4 per task let a few tasks' operator dominate (the
 # candidate wrote "-" in 40 of 48 gate runs), 1 per task did better on every pool (bench/sweep.py).
