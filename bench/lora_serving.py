@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -31,10 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from runtime.config import Settings  # noqa: E402
-from runtime.engine import ManagedEngine  # noqa: E402
 from learner.probe import forced_logprobs  # noqa: E402
 from learner.swap import served_greedy  # noqa: E402
+from runtime.config import Settings  # noqa: E402
+from runtime.engine import ManagedEngine  # noqa: E402
 from runtime.prompts import prompt_prefix  # noqa: E402
 from runtime.rendering import render_ids  # noqa: E402
 from tests.integration_support import prepared_model  # noqa: E402
@@ -43,16 +44,18 @@ from tools.specs import TOOL_SPECS  # noqa: E402
 ADAPTER = "bench-lora"
 
 
-def make_adapter(model_dir: Path, out: Path, rank: int = 16, seed: int = 0) -> Path:
-    """A rank-16 LoRA on every projection with small random B, so replies stay close to the base
-    model's (a trained adapter moves outputs by about as much) and lengths stay comparable."""
+def make_adapter(model_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A LoRA shaped like the learner's (hone's default rank and target modules) with small random
+    B, so replies stay close to the base model's (a trained adapter moves outputs by about as much)
+    and lengths stay comparable."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    s = Settings()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets))
+    model = get_peft_model(model, LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha,
+                                             target_modules=list(s.target_modules)))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -116,11 +119,9 @@ async def measure(mode: str, grouped: bool, model_dir: Path, adapter: Path, conv
         await engine.wait_ready(settings.vllm_startup_timeout_s)
         await engine.load_adapter(ADAPTER, adapter)
         out = {}
-        for model in (settings.served_model_name, ADAPTER):
-            out["base" if model != ADAPTER else "adapter"] = await run_load(
-                engine.openai_base_url.removesuffix("/v1"), model, convs, args.concurrency, args.max_tokens)
-            print(f"{mode:8} {model:10} {out['base' if model != ADAPTER else 'adapter']['wall_s']:7.1f} s",
-                  file=sys.stderr, flush=True)
+        for key, model in (("base", settings.served_model_name), ("adapter", ADAPTER)):
+            out[key] = await run_load(engine.base_url, model, convs, args.concurrency, args.max_tokens)
+            print(f"{mode:8} {model:10} {out[key]['wall_s']:7.1f} s", file=sys.stderr, flush=True)
         out["fidelity"] = [
             {"prompt_ids": ids, **dict(zip(("tokens", "logprobs"), await served_greedy(engine, ADAPTER, ids, 32)))}
             for ids in (render_ids(c, TOOL_SPECS, model_dir, add_generation_prompt=True)
@@ -168,7 +169,7 @@ def main() -> int:
         "identical_replies": {m: f"{same[m]}/{len(convs)}" for m in same},
         "adapter_mean_abs_nats_vs_fp32": fidelity,
     }
-    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": __import__("os").cpu_count()},
+    result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
               "date": time.strftime("%Y-%m-%d %H:%M"), "args": {k: str(v) for k, v in vars(args).items()},
               "rows": rows, "summary": summary}
     args.out.parent.mkdir(parents=True, exist_ok=True)
