@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import shlex
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -64,10 +66,29 @@ def vllm_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     return cmd
 
 
+# vLLM's processes talk over ZeroMQ sockets named $TMPDIR/<uuid4>, and a socket path holds at most
+# 107 bytes: under a deep HONE_HOME every engine start failed ("ipc path ... is longer than 107
+# characters") and the supervisor restarted it forever.
+_SOCKET_PATH_MAX = 107
+_SOCKET_NAME_LEN = len("/") + 36
+
+
+def engine_tmpdir(settings: Settings) -> Path:
+    """TMPDIR for the engine: HONE_HOME/run/tmp, or a short per-home folder in the system's temp dir."""
+    tmp = settings.run_dir / "tmp"
+    if len(os.fsencode(tmp)) + _SOCKET_NAME_LEN > _SOCKET_PATH_MAX:
+        root = Path(tempfile.gettempdir())
+        if len(os.fsencode(root)) > 40:
+            root = Path("/tmp")
+        tag = hashlib.sha256(os.fsencode(settings.home.resolve())).hexdigest()[:12]
+        tmp = root / f"hone-{os.getuid()}-{tag}"
+    tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return tmp
+
+
 def vllm_env(settings: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    tmp = settings.run_dir / "tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = engine_tmpdir(settings)
     env.update(
         VLLM_ALLOW_RUNTIME_LORA_UPDATING="True",
         VLLM_CPU_KVCACHE_SPACE=str(settings.vllm_kv_cache_gb),

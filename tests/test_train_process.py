@@ -18,6 +18,8 @@ from tests.test_model import needs_gguf
 
 def _killed_by_the_kernel(events, model_dir, pairs, cfg, out_dir, parent, progress) -> None:
     events.put(("step", {"step": 1, "of": 9}))
+    events.close()
+    events.join_thread()  # flushed, as a step reported long before the kill would be (put is asynchronous)
     Path(out_dir).parent.joinpath(f".{Path(out_dir).name}.tmp-{os.getpid()}").mkdir(parents=True)  # mid-save
     os.kill(os.getpid(), signal.SIGKILL)  # what the OOM killer does
 
