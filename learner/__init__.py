@@ -1,1 +1,1 @@
-"""The background learner (labels, pairs, DPO, gate, hot-swap). Not built yet: see issue 3."""
+"""The background learner: labels, pairs, exploration, DPO, gate, hot-swap (one cycle: learner/cycle.py)."""

@@ -47,7 +47,7 @@ def train_config(settings: Settings):
         lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, target_modules=settings.target_modules,
         seed=settings.train_seed, threads=threads,
         bf16_autocast={"auto": None, "bf16": True, "fp32": False}[settings.dpo_autocast],
-        gradient_checkpointing=settings.dpo_gradient_checkpointing,
+        gradient_checkpointing=settings.dpo_gradient_checkpointing, device=settings.dpo_device,
     )
 
 

@@ -72,7 +72,8 @@ def pair_logps(model: torch.nn.Module, chosen: Sequence[int], chosen_mask: Seque
     """
     prefix = min(shared_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)  # each row keeps a token of its own to run
     lm = _causal_lm(model)
-    ids, mask, attention = padded_rows((chosen, chosen_mask), (rejected, rejected_mask))
+    device = lm.lm_head.weight.device
+    ids, mask, attention = (t.to(device) for t in padded_rows((chosen, chosen_mask), (rejected, rejected_mask)))
     if prefix < 1 or getattr(lm, "is_gradient_checkpointing", False):  # checkpointing keeps no cache
         hidden = lm.model(input_ids=ids, attention_mask=attention).last_hidden_state
         return _masked_logps(lm, hidden, ids, mask)

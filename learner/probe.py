@@ -43,13 +43,14 @@ def greedy_probe(model: Any, prompt_ids: list[int], n: int = PROBE_TOKENS,
     margin over the runner-up (a near-tie may legitimately flip under bf16 or a different batch)."""
     import torch
 
+    device = next(model.parameters()).device
     ids = list(prompt_ids)
     tokens: list[int] = []
     logprobs: list[float] = []
     margins: list[float] = []
     with torch.no_grad():
         for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
             top = torch.log_softmax(logits, -1).topk(2)
             token = int(top.indices[0])
             tokens.append(token)
@@ -65,10 +66,12 @@ def forced_logprobs(model: Any, prompt_ids: list[int], tokens: list[int]) -> lis
     """log p(tokens[i] | prompt + tokens[:i]) in fp32: the base model's view of the adapter's answer."""
     import torch
 
+    device = next(model.parameters()).device
     with torch.no_grad():
-        x = torch.tensor([list(prompt_ids) + list(tokens)])
+        x = torch.tensor([list(prompt_ids) + list(tokens)], device=device)
         logits = model(input_ids=x).logits[0, len(prompt_ids) - 1 : -1].float()
-        return torch.log_softmax(logits, -1).gather(-1, torch.tensor(tokens).unsqueeze(-1)).squeeze(-1).tolist()
+        target = torch.tensor(tokens, device=device).unsqueeze(-1)
+        return torch.log_softmax(logits, -1).gather(-1, target).squeeze(-1).tolist()
 
 
 def make_probe(model: Any, prompt_ids: list[int], eos_id: int | None) -> dict[str, Any]:

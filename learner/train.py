@@ -48,7 +48,8 @@ class TrainConfig:
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
-    bf16_autocast: bool | None = None  # None = on where the CPU has native bf16 (AVX512-BF16 / AMX)
+    bf16_autocast: bool | None = None  # None = on where the device has native bf16 (CPU: AVX512-BF16 / AMX)
+    device: str = "auto"  # auto = cuda when torch sees a GPU, else cpu
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
 
@@ -65,17 +66,29 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
 
 
-def _use_bf16(cfg: TrainConfig) -> bool:
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("dpo_device is cuda but torch sees no GPU (torch.cuda.is_available() is False)")
+    if name not in ("cpu", "cuda"):
+        raise TrainingError(f"dpo_device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
+
+
+def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.bf16_autocast is not None:
         return cfg.bf16_autocast
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _load_policy(model_dir: str | Path, cfg: TrainConfig, parent_adapter: str | Path | None):
+def _load_policy(model_dir: str | Path, cfg: TrainConfig, parent_adapter: str | Path | None, device: torch.device):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).to(device)
     base.config.use_cache = False
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -105,7 +118,8 @@ def train_adapter(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    bf16 = _use_bf16(cfg)
+    device = resolve_device(cfg.device)
+    bf16 = _use_bf16(cfg, device)
 
     usable = [p for p in pairs if max(len(p.chosen.ids), len(p.rejected.ids)) <= cfg.max_length]
     counts: dict[str, Any] = {"pairs_in": len(pairs), "pairs_used": len(usable),
@@ -116,12 +130,12 @@ def train_adapter(
         raise TrainingError(f"no pair fits max_length={cfg.max_length} (of {len(pairs)})")
 
     t0 = time.perf_counter()
-    model = _load_policy(model_dir, cfg, parent_adapter)
+    model = _load_policy(model_dir, cfg, parent_adapter, device)
     probe_prompt = list(probe_prompt) if probe_prompt is not None else probe_prompt_ids(model_dir)
     timings["load_s"] = time.perf_counter() - t0
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     # Reference log-probs, once per pair: the base model is the adapter switched off.
     t0 = time.perf_counter()
@@ -206,8 +220,11 @@ def train_adapter(
         "rejected_reward_last_epoch": round(_mean(last_epoch, "rejected_reward"), 5),
         "pairs_per_s": round(len(usable) * cfg.epochs / max(timings["train_s"], 1e-9), 4),
         "bf16_autocast": bf16,
+        "device": device.type,
         "peak_rss_mb": peak_rss_mb(),
     }
+    if device.type == "cuda":
+        metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     timings["save_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
     timings = {k: round(v, 3) for k, v in timings.items()}

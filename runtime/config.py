@@ -87,6 +87,7 @@ class Settings:
     dpo_max_length: int = 2048
     dpo_nll_weight: float = 0.0
     dpo_autocast: str = "auto"  # auto (bf16 where the CPU has native bf16) | bf16 | fp32
+    dpo_device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     dpo_gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -222,6 +223,8 @@ class Settings:
             raise ConfigError(f"port must be in [1, 65535], got {self.port}")
         if self.dpo_autocast not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dpo_autocast must be auto, bf16 or fp32, got {self.dpo_autocast!r}")
+        if self.dpo_device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"dpo_device must be auto, cpu or cuda, got {self.dpo_device!r}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(f"log_level must be critical, error, warning, info or debug, got {self.log_level!r}")
         reserved = {"local", "admin", "cli"} & set(self.api_tokens)

@@ -35,6 +35,7 @@ def test_env_beats_toml_and_types_are_coerced(tmp_path: Path) -> None:
     ({"HONE_API_TOKENS": "admin:tok-admin-1"}, "reserved"),
     ({"HONE_LOG_LEVEL": "verbose"}, "log_level"),
     ({"HONE_PORT": "70000"}, "port"),
+    ({"HONE_DPO_DEVICE": "tpu"}, "dpo_device must be auto, cpu or cuda"),
 ])
 def test_bad_settings_name_the_setting(tmp_path: Path, env: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):

@@ -311,3 +311,14 @@ def test_training_produces_a_loadable_adapter_that_prefers_chosen(tmp_path: Path
         train_adapter(model_dir, pairs, cfg, result.path, progress=False)
     with pytest.raises(TrainingError, match="max_length"):
         train_adapter(model_dir, pairs, TrainConfig(max_length=10), tmp_path / "hone-v3", progress=False)
+
+
+def test_the_trainer_picks_its_device_and_refuses_a_missing_gpu_with_a_reason(monkeypatch) -> None:
+    from learner.train import TrainingError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu" and resolve_device("cpu").type == "cpu"
+    with pytest.raises(TrainingError, match="dpo_device is cuda but torch sees no GPU"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"  # cpu vs cuda results: bench/train_device.py (docs/benchmarks.md)
