@@ -12,17 +12,21 @@ few cycles of self-training can reach, and pass@k says how fast more sampling fi
 
 Method. `hone serve` (real vLLM, the embedded SmolLM2 unless HONE_MODEL is set, learner off) on a
 fresh HONE_HOME; the pools are exactly `hone bench loop`'s (learner/experiment.py load_pools):
-held-out = ASDiv-A sample minus questions also in MAWPS, first 40; gate = last 48 MAWPS tasks.
+held-out = bench/data/asdiv-a-heldout-40.jsonl; gate = the last gate_tasks tasks of the training pool
+(bench/data/asdiv-a-train.jsonl; MAWPS before 2026-12-04: bench/results/ceiling.json is from then).
 Each pool runs once greedily and `samples` times at `temperature` (the explorer's), all through
 `hone eval`'s code over the HTTP API. pass@k is the unbiased estimator of Chen et al. 2021 from
-n samples with c successes: 1 - C(n-c, k) / C(n, k). Results: stdout (markdown) and
-bench/results/ceiling.json.
+n samples with c successes: 1 - C(n-c, k) / C(n, k). "majority of n" is self-consistency: the most
+common final number of the n samples, checked like any reply; it is what sampling alone reaches with
+no training, and what self-improvement without labels has been seen to approach (Huang et al. 2022,
+"Large Language Models Can Self-Improve"). Results: stdout (markdown) and bench/results/ceiling.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+from collections import Counter
 import json
 import os
 import platform
@@ -34,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from learner.checks import check_answer, last_number  # noqa: E402
 from learner.experiment import LoopConfig, load_pools, serve  # noqa: E402
 from runtime.evals import EvalOptions, EvalStore, run_eval  # noqa: E402
 
@@ -44,11 +49,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-async def successes(store: EvalStore, url: str, tasks, name: str, temperature: float) -> dict[str, bool]:
+async def attempts(store: EvalStore, url: str, tasks, name: str, temperature: float) -> dict[str, tuple[bool, str]]:
+    """One eval of the pool: per task, whether it was solved and the final reply."""
     row = await run_eval(store, tasks, server=url, headers={}, tasks_file=name,
                          options=EvalOptions(adapter="base", concurrency=8, temperature=temperature))
-    got = store.db.execute("select task_id, success from eval_results where eval_id = ?", [row["id"]]).fetchall()
-    return {t: bool(s) for t, s in got}
+    got = store.db.execute("select task_id, success, answer from eval_results where eval_id = ?", [row["id"]]).fetchall()
+    return {t: (bool(s), a or "") for t, s, a in got}
+
+
+def majority_correct(replies: list[str], task) -> bool:
+    """Self-consistency (Wang et al. 2022): the most common final number among the samples, checked
+    with the learner's own checker; ties go to the number seen first; replies with no number abstain."""
+    numbers = [n for n in (last_number(r) for r in replies) if n is not None]
+    if not numbers:
+        return False
+    winner = Counter(numbers).most_common(1)[0][0]
+    return check_answer(repr(winner), task.expected, task.check)
 
 
 def main() -> None:
@@ -77,21 +93,27 @@ def main() -> None:
         try:
             for name in names:
                 tasks = chosen[name]
-                greedy = asyncio.run(successes(store, url, tasks, name, 0.0))
+                greedy = {k: ok for k, (ok, _) in asyncio.run(attempts(store, url, tasks, name, 0.0)).items()}
                 counts = {t.id: 0 for t in tasks}
+                replies: dict[str, list[str]] = {t.id: [] for t in tasks}
                 for i in range(args.samples):
-                    for key, ok in asyncio.run(successes(store, url, tasks, name, args.temperature)).items():
+                    for key, (ok, reply) in asyncio.run(attempts(store, url, tasks, name, args.temperature)).items():
                         counts[key] += ok
+                        replies[key].append(reply)
                     print(f"{name}: sample {i + 1}/{args.samples} done ({time.monotonic() - t0:.0f}s)", flush=True)
                 n = len(tasks)
+                by_id = {t.id: t for t in tasks}
+                majority = {key: majority_correct(replies[key], by_id[key]) for key in counts}
                 flip = sum(1 for key, c in counts.items() if c and not greedy.get(key))
                 result["pools"][name] = {
                     "n": n, "greedy": sum(greedy.values()) / n,
                     "sampled_mean": sum(counts.values()) / (n * args.samples),
                     "pass_at_k": {k: sum(pass_at_k(args.samples, c, k) for c in counts.values()) / n for k in ks},
+                    "majority_of_samples": sum(majority.values()) / n,
                     "greedy_or_any_sample": (sum(greedy.values()) + flip) / n,
                     "never_solved": sum(1 for key, c in counts.items() if not c and not greedy.get(key)) / n,
-                    "per_task": {key: {"greedy": greedy.get(key, False), "sampled": c} for key, c in counts.items()},
+                    "per_task": {key: {"greedy": greedy.get(key, False), "sampled": c, "majority": majority[key]}
+                                 for key, c in counts.items()},
                 }
         finally:
             store.close()
@@ -101,12 +123,12 @@ def main() -> None:
     print(f"\n{result['machine']}, {result['date']}; {args.samples} samples at T={args.temperature}; "
           f"{result['wall_s']:.0f}s\n")
     print("| pool | n | greedy | mean sampled | " + " | ".join(f"pass@{k}" for k in ks)
-          + " | greedy or any sample | never solved |")
-    print("|---|---|---|---|" + "---|" * len(ks) + "---|---|")
+          + f" | majority of {args.samples} | greedy or any sample | never solved |")
+    print("|---|---|---|---|" + "---|" * len(ks) + "---|---|---|")
     for name, p in result["pools"].items():
         print(f"| {name} | {p['n']} | {p['greedy']:.1%} | {p['sampled_mean']:.1%} | "
               + " | ".join(f"{p['pass_at_k'][k]:.1%}" for k in ks)
-              + f" | {p['greedy_or_any_sample']:.1%} | {p['never_solved']:.1%} |")
+              + f" | {p['majority_of_samples']:.1%} | {p['greedy_or_any_sample']:.1%} | {p['never_solved']:.1%} |")
 
 
 if __name__ == "__main__":

@@ -90,6 +90,13 @@ def plot(result: dict[str, Any], path: Path) -> bool:
                 if r.get("evals") and r["status"] == "rejected"]
         if cand:
             ax.plot(*zip(*cand), "x", color=colour, markersize=8, label=f"{pool} (rejected candidate)")
+    gates = [(k, r["gate"]) for k, r in enumerate(rows) if r.get("gate")]
+    if gates:  # the gate pool: the traffic's own distribution, never streamed; what promotion decides on
+        xs, ys = [0], [100 * gates[0][1]["current_rate"]]
+        for k, g in gates:
+            xs.append(k)
+            ys.append(100 * (g["candidate_rate"] if g.get("promote") else g["current_rate"]))
+        ax.plot(xs, ys, "-s", color="C7", markersize=4, label=f"gate pool, n={gates[0][1]['n_tasks']} (serving)")
     target = (result.get("verdicts") or {}).get("target")
     if target is not None:
         ax.axhline(100 * target, color="C0", linestyle="--", linewidth=1, label="held-out target (issue 4)")

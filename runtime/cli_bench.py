@@ -16,13 +16,15 @@ def bench_cmd() -> None:
 @bench_cmd.command("loop")
 @click.option("--cycles", type=click.IntRange(1, 100), default=3, show_default=True, help="learner cycles to run")
 @click.option("--train-tasks", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="training pool, streamed as traffic (default bench/data/mawps.jsonl: all 1,743 MAWPS items)")
+              help="training pool, streamed as traffic (default bench/data/asdiv-a-train.jsonl: 957 ASDiv-A items; "
+                   "bench/data/mawps.jsonl for MAWPS)")
 @click.option("--per-cycle", type=click.IntRange(1), default=48, show_default=True,
               help="training-pool tasks served before each cycle")
 @click.option("--gate-tasks", type=click.IntRange(1), default=200, show_default=True,
               help="taken from the end of the training pool for the gate; never served as traffic")
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="held-out pool, disjoint from training (default tasks/asdiv-a-sample.jsonl)")
+              help="held-out pool, disjoint from training (default bench/data/asdiv-a-heldout-40.jsonl; "
+                   "bench/data/asdiv-a-heldout-200.jsonl with --heldout-limit 200 for a tighter measure)")
 @click.option("--heldout-limit", type=click.IntRange(1), default=40, show_default=True)
 @click.option("--suite", "suites", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="other suites evaluated each cycle (default tasks/storage.jsonl and tasks/python.jsonl)")
