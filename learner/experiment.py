@@ -41,7 +41,7 @@ from .tasks import Task, load_task_file
 REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # The experiment's learner settings, under the user's HONE_* variables and --set: three cycles took
-# 46 min on 2 CPU cores (run 8: per cycle 3-8 min training, 3-5 min gate, 2-3 min exploring), down
+# 51 min on 2 CPU cores (run 11: per cycle 4-9 min training, 3-5 min gate, 2-3 min exploring), down
 # from 100 (run 6) with the shared-prefix trainer and the grouped LoRA serving ops.
 # Nothing is served while a cycle trains here, so training gets every core. Exploration is cheap
 # next to training (192 rollouts ~2.5 min) and pairs are what the model lacks; the NLL term on
