@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections import Counter
 import json
 import os
 import platform
 import sys
 import time
+from collections import Counter
 from math import comb
 from pathlib import Path
 

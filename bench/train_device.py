@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import sys
@@ -86,7 +87,8 @@ def train(model_dir: Path, pairs, device: str, epochs: int, autocast: bool | Non
     result = train_adapter(model_dir, pairs, cfg, dest, progress=False, probe_prompt=list(range(5, 40)))
     meta = json.loads((dest / "hone-adapter.json").read_text())
     return {"path": str(dest), "wall_s": round(time.perf_counter() - t0, 2), "timings": result.timings,
-            "metrics": result.metrics, "losses": [round(h["loss"], 6) for h in meta["history"]]}
+            "metrics": result.metrics, "losses": [round(h["loss"], 6) for h in meta["history"]],
+            "probe_tokens": meta["probe"]["tokens"]}
 
 
 def lora_factors(adapter: str) -> dict:
@@ -104,8 +106,6 @@ def main() -> int:
     ap.add_argument("--cpu-pairs", type=int, default=8, help="pairs for the cpu throughput row (it is slow)")
     ap.add_argument("--equivalence-pairs", type=int, default=8)
     args = ap.parse_args()
-
-    import os
 
     import torch
 
@@ -134,12 +134,10 @@ def main() -> int:
     report["equivalence"] = {"pairs": len(eq_pairs), "epochs": 2, "losses_cpu": cpu["losses"],
                              "losses_cuda": gpu["losses"], "max_loss_diff": loss_diff,
                              "max_abs_lora_diff": max_abs, "max_abs_lora_weight": scale,
-                             "probe_tokens_equal": None}
-    pc = json.loads((Path(cpu["path"]) / "hone-adapter.json").read_text())["probe"]["tokens"]
-    pg = json.loads((Path(gpu["path"]) / "hone-adapter.json").read_text())["probe"]["tokens"]
-    report["equivalence"]["probe_tokens_equal"] = pc == pg
+                             "probe_tokens_equal": cpu["probe_tokens"] == gpu["probe_tokens"]}
     print(f"equivalence (135M shape, fp32, {len(eq_pairs)} pairs): max |loss cpu - cuda| {loss_diff:.2e}, "
-          f"max |LoRA cpu - cuda| {max_abs:.2e} (largest factor {scale:.2e}), probe tokens equal: {pc == pg}", flush=True)
+          f"max |LoRA cpu - cuda| {max_abs:.2e} (largest factor {scale:.2e}), "
+          f"probe tokens equal: {report['equivalence']['probe_tokens_equal']}", flush=True)
 
     # 2. throughput
     pairs = make_pairs(args.pairs, seed=2)
