@@ -1,13 +1,18 @@
-"""Shared-prefix DPO forward against two whole rows, on the pairs a cycle would train on.
+"""How much of a DPO step the shared prefix saves, on the pairs a cycle would train on.
 
-A chosen and a rejected trajectory of one task share their start (system prompt, worked examples,
-question). learner.dpo.pair_logps runs that prefix once; this script measures what it saves on real
-logged pairs: forward + backward of one pair, the trainer's model (fp32 weights, LoRA on all linear
-projections, bf16 autocast where the CPU has it), alternating the two methods pair by pair so both
-see the same machine state. It also reports how far their log-probs differ (bf16 rounding only:
-in fp32 they agree to 1e-5, tests/test_dpo.py).
+Every trajectory starts with the same system prompt and worked examples (~1.2k tokens), then its
+question, then the model's ~100 tokens. Three ways to run a batch of pairs, forward + backward, with
+the trainer's model (fp32 weights, LoRA on all linear projections, bf16 autocast where the CPU has it):
 
-    HONE_HOME=bench/results/loop/home-... HONE_PAIRS_PER_TASK=1 .venv/bin/python bench/prefix.py [--pairs 8] [--repeats 2]
+    whole   every row whole, one pair per forward                      (the first trainer)
+    pair    each pair's shared prefix once, one pair per forward        (learner.dpo.pair_logps)
+    batch   the batch's common prefix once, all its pairs in one forward (learner.dpo.rows_logps, now)
+
+The methods alternate batch by batch so all see the same machine state. It also reports how far their
+log-probs differ (bf16 rounding only: in fp32 they agree to 1e-5, tests/test_dpo.py).
+
+    HONE_HOME=<loop out>/home-... HONE_PAIRS_PER_TASK=1 HONE_LEARNER_THREADS=2 \
+        .venv/bin/python bench/prefix.py [--pairs 8] [--batch 4] [--methods whole,pair,batch]
 
 Pairs are built from $HONE_HOME's log exactly as a cycle builds them (collect, build_pairs, the
 settings in the environment). Results: stdout (markdown) and --out (JSON).
@@ -29,34 +34,45 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from learner.cycle import train_config  # noqa: E402
-from learner.dpo import padded_rows, pair_logps, sequence_logps, shared_prefix_length  # noqa: E402
+from learner.dpo import padded_rows, pair_logps, rows_logps, sequence_logps, shared_prefix_length  # noqa: E402
 from learner.pairs import build_pairs, collect  # noqa: E402
 from learner.registry import Registry  # noqa: E402
-from learner.train import _load_policy, _use_bf16  # noqa: E402
+from learner.train import _load_policy, _use_bf16, pair_rows, resolve_device  # noqa: E402
 from runtime.config import Settings  # noqa: E402
 from runtime.model import ensure_model  # noqa: E402
 from runtime.store import TrajectoryStore  # noqa: E402
 
 
-def step(model, pair, method: str, bf16: bool) -> tuple[float, torch.Tensor]:
+def step(model, pairs, method: str, bf16: bool) -> tuple[float, torch.Tensor]:
+    """Forward + backward of one batch of pairs; log-probs in row order (chosen, rejected, ...)."""
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        if method == "shared":
-            logps, _ = pair_logps(model, pair.chosen.ids, pair.chosen.mask, pair.rejected.ids, pair.rejected.mask)
-        else:
-            logps, _ = sequence_logps(model, *padded_rows((pair.chosen.ids, pair.chosen.mask),
-                                                         (pair.rejected.ids, pair.rejected.mask)))
-    (logps[0].float() - logps[1].float()).backward()
-    return time.perf_counter() - t0, logps.detach().float()
+    out = []
+    groups = [list(range(len(pairs)))] if method == "batch" else [[i] for i in range(len(pairs))]
+    for group in groups:
+        rows = pair_rows(pairs, group)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if method == "whole":
+                logps, _ = sequence_logps(model, *padded_rows(*rows))
+            elif method == "pair":
+                logps, _ = pair_logps(model, *rows[0], *rows[1])
+            else:
+                logps, _ = rows_logps(model, rows)
+        logps = logps.float()
+        (logps[0::2] - logps[1::2]).sum().backward()
+        out.append(logps.detach())
+    return time.perf_counter() - t0, torch.cat(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2, help="timed passes per pair and method")
+    ap.add_argument("--batch", type=int, default=4, help="pairs per optimizer step (dpo_batch_size)")
+    ap.add_argument("--methods", default="whole,pair,batch")
+    ap.add_argument("--repeats", type=int, default=1, help="timed passes per batch and method")
     ap.add_argument("--out", type=Path, default=Path("bench/results/prefix.json"))
     args = ap.parse_args()
+    methods = args.methods.split(",")
 
     s = Settings.load()
     if not s.db_path.exists():
@@ -72,37 +88,42 @@ def main() -> int:
         return 2
     cfg = train_config(s)
     torch.set_num_threads(cfg.threads)
-    bf16 = _use_bf16(cfg)
-    model = _load_policy(ensure_model(s), cfg, None)
+    device = resolve_device("cpu")
+    bf16 = _use_bf16(cfg, device)
+    model = _load_policy(ensure_model(s), cfg, None, device)
     model.train()
+    batches = [pairs[i:i + args.batch] for i in range(0, len(pairs), args.batch)]
 
-    step(model, pairs[0], "whole", bf16)  # warm-up: first-call allocations and kernel selection
-    times: dict[str, list[float]] = {"whole": [], "shared": []}
-    diffs: list[float] = []
-    for pair in pairs:
+    step(model, batches[0][:1], "pair", bf16)  # warm-up: first-call allocations and kernel selection
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    logps: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
+    for batch in batches:
         for _ in range(args.repeats):
-            t_whole, lp_whole = step(model, pair, "whole", bf16)
-            t_shared, lp_shared = step(model, pair, "shared", bf16)
-            times["whole"].append(t_whole)
-            times["shared"].append(t_shared)
-        diffs.append(float((lp_whole - lp_shared).abs().max()))
+            for m in methods:
+                t, lp = step(model, batch, m, bf16)
+                times[m].append(t / len(batch))
+                logps[m].append(lp)
+    per_pair = {m: round(statistics.mean(v), 3) for m, v in times.items()}
+    diffs = {f"{m}_vs_{methods[0]}": round(max(float((a - b).abs().max()) for a, b in zip(logps[m], logps[methods[0]])), 4)
+             for m in methods[1:]}
 
     lengths = [(len(p.chosen.ids), len(p.rejected.ids), shared_prefix_length(p.chosen.ids, p.rejected.ids)) for p in pairs]
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {cfg.threads}",
-        "home": str(s.home), "pairs": len(pairs), "repeats": args.repeats, "bf16_autocast": bf16,
+        "home": str(s.home), "pairs": len(pairs), "batch": args.batch, "repeats": args.repeats, "bf16_autocast": bf16,
         "tokens_per_pair_mean": statistics.mean(a + b for a, b, _ in lengths),
-        "shared_prefix_mean": statistics.mean(p for _, _, p in lengths),
-        "s_per_pair": {k: round(statistics.mean(v), 3) for k, v in times.items()},
-        "speedup": round(statistics.mean(times["whole"]) / statistics.mean(times["shared"]), 3),
-        "max_abs_logp_diff": round(max(diffs), 4),
+        "pair_shared_prefix_mean": statistics.mean(p for _, _, p in lengths),
+        "s_per_pair": per_pair,
+        "speedup_vs_" + methods[0]: {m: round(per_pair[methods[0]] / per_pair[m], 3) for m in methods},
+        "max_abs_logp_diff": diffs,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"| method | s per pair (forward + backward) |\n|---|---|\n"
-          f"| two whole rows | {result['s_per_pair']['whole']} |\n| shared prefix once | {result['s_per_pair']['shared']} |\n")
-    print(f"speedup {result['speedup']}x; {len(pairs)} pairs, mean {result['tokens_per_pair_mean']:.0f} tokens per pair, "
-          f"{result['shared_prefix_mean']:.0f} shared; max |log-prob difference| {result['max_abs_logp_diff']} (bf16={bf16})")
+    print("| method | s per pair (forward + backward) | speedup |\n|---|---|---|")
+    for m in methods:
+        print(f"| {m} | {per_pair[m]} | {per_pair[methods[0]] / per_pair[m]:.2f}x |")
+    print(f"\n{len(pairs)} pairs in batches of {args.batch}, mean {result['tokens_per_pair_mean']:.0f} tokens per pair, "
+          f"{result['pair_shared_prefix_mean']:.0f} shared within a pair; max |log-prob difference| {diffs} (bf16={bf16})")
     return 0
 
 

@@ -48,6 +48,7 @@ def train_config(settings: Settings):
         seed=settings.train_seed, threads=threads,
         bf16_autocast={"auto": None, "bf16": True, "fp32": False}[settings.dpo_autocast],
         gradient_checkpointing=settings.dpo_gradient_checkpointing, device=settings.dpo_device,
+        forward_tokens=settings.dpo_forward_tokens,
     )
 
 

@@ -61,29 +61,53 @@ def sequence_logps(
 
 def pair_logps(model: torch.nn.Module, chosen: Sequence[int], chosen_mask: Sequence[int],
                rejected: Sequence[int], rejected_mask: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """sequence_logps of the rows [chosen, rejected], with the tokens they share run once.
+    """sequence_logps of the rows [chosen, rejected], with the tokens they share run once (rows_logps)."""
+    return rows_logps(model, [(chosen, chosen_mask), (rejected, rejected_mask)])
 
-    Two attempts at one task share their start: system prompt, worked examples, the question, often
-    the first tokens of the first tool call (~1.25k of ~1.3-1.6k tokens per trajectory with the
-    default prompt). The shared prefix runs through the decoder once, its keys and values are
-    repeated for both rows, and only the two suffixes run on; gradients flow back through the shared
-    keys and values. Causal attention makes this exact: a position's hidden state depends only on
-    the tokens up to it, which are the same in both rows inside the prefix.
+
+def rows_logps(model: torch.nn.Module,
+               rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """sequence_logps of (ids, mask) rows, with the tokens all of them start with run once.
+
+    Attempts share their start: system prompt and worked examples (~1.2k tokens with the default
+    prompt, the same for every task), then the question (two attempts at one task), often the first
+    tokens of the first tool call. Of a ~1.3k-token trajectory only the last ~100 tokens differ. The
+    shared prefix runs through the decoder once, its keys and values are repeated for every row, and
+    only the suffixes run on; gradients flow back through the shared keys and values. Causal
+    attention makes this exact: a position's hidden state depends only on the tokens up to it, which
+    are the same in every row inside the prefix. Several pairs in one call (the trainer's batch)
+    share the prompt and examples too: four pairs cost about one prefix plus eight suffixes.
     """
-    prefix = min(shared_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)  # each row keeps a token of its own to run
+    n = len(rows)
+    prefix = min(common_prefix_length([r for r, _ in rows]), *(len(r) - 1 for r, _ in rows))  # each row keeps a token of its own
     lm = _causal_lm(model)
     device = lm.lm_head.weight.device
-    ids, mask, attention = (t.to(device) for t in padded_rows((chosen, chosen_mask), (rejected, rejected_mask)))
+    ids, mask, attention = (t.to(device) for t in padded_rows(*rows))
     if prefix < 1 or getattr(lm, "is_gradient_checkpointing", False):  # checkpointing keeps no cache
         hidden = lm.model(input_ids=ids, attention_mask=attention).last_hidden_state
         return _masked_logps(lm, hidden, ids, mask)
     shared = lm.model(input_ids=ids[:1, :prefix], use_cache=True)
     cache = shared.past_key_values
-    cache.batch_repeat_interleave(2)
+    cache.batch_repeat_interleave(n)
     tails = lm.model(input_ids=ids[:, prefix:], attention_mask=attention, past_key_values=cache,
-                     use_cache=True).last_hidden_state  # (2, T - prefix, H)
-    hidden = torch.cat([shared.last_hidden_state.expand(2, -1, -1), tails], dim=1)
+                     use_cache=True).last_hidden_state  # (n, T - prefix, H)
+    hidden = torch.cat([shared.last_hidden_state.expand(n, -1, -1), tails], dim=1)
     return _masked_logps(lm, hidden, ids, mask)
+
+
+def shared_forward_tokens(rows: Sequence[Sequence[int]]) -> int:
+    """Token positions rows_logps runs for these rows: the common prefix once, each suffix padded to
+    the longest. What a forward costs in time and activation memory."""
+    prefix = min(common_prefix_length(rows), *(len(r) - 1 for r in rows))
+    return prefix + len(rows) * (max(len(r) for r in rows) - prefix)
+
+
+def common_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all the rows have in common."""
+    n = min(len(r) for r in rows)
+    for other in rows[1:]:
+        n = shared_prefix_length(rows[0][:n], other)
+    return n
 
 
 def shared_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

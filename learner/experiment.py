@@ -40,17 +40,20 @@ from .tasks import Task, load_task_file
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
-# The experiment's learner settings, under the user's HONE_* variables and --set: three cycles took
-# 51 min on 2 CPU cores (run 11: per cycle 4-9 min training, 3-5 min gate, 2-3 min exploring), down
-# from 100 (run 6) with the shared-prefix trainer and the grouped LoRA serving ops.
+# The experiment's learner settings, under the user's HONE_* variables and --set. Run 11 (32 pairs,
+# 48 tasks and 192 rollouts per cycle) took 51 min on 2 CPU cores, ~9 of it training per cycle;
+# training a batch's pairs in one forward (learner/dpo.py rows_logps) halved that, and the time went
+# to data: two runs with identical settings ended 14.5 points apart on 200 held-out tasks, and a
+# cycle that trains on only its own ~30 newest pairs is at the mercy of which rollouts it drew.
+# 64 pairs per cycle replays the parent's newest pairs next to the fresh ones.
 # Nothing is served while a cycle trains here, so training gets every core. Exploration is cheap
 # next to training (192 rollouts ~2.5 min) and pairs are what the model lacks; the NLL term on
 # chosen trajectories is Iterative RPO's (Pang et al. 2024), which found DPO alone barely moves
-# self-generated math pairs. Agent runs (exploration,
-# gate) go 16 at a time: vLLM's batches keep 2 cores busier than 8 did (~1.6x the runs per second).
+# self-generated math pairs. Agent runs (exploration, gate) go 16 at a time: vLLM's batches keep
+# 2 cores busier than 8 did (~1.6x the runs per second).
 # One pair per task: on the same logged data, 4 per task let a few tasks' operator dominate (the
 # candidate wrote "-" in 40 of 48 gate runs), 1 per task did better on every pool (bench/sweep.py).
-LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "32", "HONE_EXPLORE_BUDGET": "192", "HONE_DPO_LR": "1e-4",
+LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "64", "HONE_EXPLORE_BUDGET": "256", "HONE_DPO_LR": "1e-4",
                  "HONE_DPO_NLL_WEIGHT": "1.0", "HONE_EXPLORE_CONCURRENCY": "16", "HONE_PAIRS_PER_TASK": "1"}
 
 
@@ -65,12 +68,14 @@ class LoopConfig:
     # success on its own traffic. MAWPS traffic measured on ASDiv-A (runs 1-9) tests transfer
     # instead, and stayed below the target: `--train-tasks bench/data/mawps.jsonl` (docs/benchmarks.md).
     train_tasks: Path = REPO / "bench" / "data" / "asdiv-a-train.jsonl"
-    per_cycle: int = 48  # training-pool tasks streamed before each cycle
+    per_cycle: int = 64  # training-pool tasks streamed before each cycle
     # Taken from the end of the training pool; never streamed. 48 was too few to decide: a candidate
     # that 200 tasks of the same pool rated +3 points, the 48 rated -10 (docs/benchmarks.md).
     gate_tasks: int = 200
-    heldout: Path = REPO / "bench" / "data" / "asdiv-a-heldout-40.jsonl"  # the 40 every run has reported
-    heldout_limit: int = 40
+    # 200 tasks: the 40 that runs 1-11 reported (asdiv-a-heldout-40.jsonl) are +-15 points at 95%,
+    # too coarse to tell a 2x gain from noise. Disjoint from the 40, the training pool and the gate.
+    heldout: Path = REPO / "bench" / "data" / "asdiv-a-heldout-200.jsonl"
+    heldout_limit: int = 200
     suites: tuple[Path, ...] = (REPO / "tasks" / "storage.jsonl", REPO / "tasks" / "python.jsonl")
     suite_limit: int = 12
     concurrency: int = 16  # traffic and evals; vLLM batches keep 2 cores busier at 16 than at 8

@@ -5,9 +5,11 @@
     data      = Pair(chosen, rejected) token sequences; the mask selects model-generated tokens
 
 Costs, on a CPU: the reference log-probs are computed once per pair before training (not once per
-epoch), the vocabulary projection runs only at generated positions (learner/dpo.py), and each pair
-is one forward of two rows, so no compute goes to padding across pairs, and the rows' shared prefix
-(prompt, examples, question: most of each trajectory) runs once (learner/dpo.py pair_logps).
+epoch), the vocabulary projection runs only at generated positions (learner/dpo.py), and the pairs of
+a batch run as one forward whose rows share their prefix (prompt and examples: most of each
+trajectory), so the prefix runs once per step, not twice per pair (learner/dpo.py rows_logps).
+`forward_tokens` bounds one forward's size (activation memory); a batch that exceeds it is split
+into several forwards whose gradients add up to the same step.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .dpo import dpo_loss, pair_logps
+from .dpo import dpo_loss, rows_logps, shared_forward_tokens
 from .probe import make_probe, probe_prompt_ids
 from .types import Pair
 
@@ -52,6 +54,7 @@ class TrainConfig:
     device: str = "auto"  # auto = cuda when torch sees a GPU, else cpu
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
+    forward_tokens: int = 4096  # most token positions one forward runs (rows_logps); bounds activation memory
 
 
 @dataclass
@@ -140,11 +143,12 @@ def train_adapter(
     # Reference log-probs, once per pair: the base model is the adapter switched off.
     t0 = time.perf_counter()
     model.eval()
-    reference: list[torch.Tensor] = []
+    reference: list[torch.Tensor] = [torch.empty(0)] * len(usable)  # per pair: (chosen, rejected)
     with torch.no_grad(), model.disable_adapter(), autocast():
-        for p in usable:
-            logps, _ = pair_logps(model, p.chosen.ids, p.chosen.mask, p.rejected.ids, p.rejected.mask)
-            reference.append(logps.float())
+        for group in forward_groups(usable, range(len(usable)), cfg.forward_tokens):
+            logps, _ = rows_logps(model, pair_rows(usable, group))
+            for k, i in enumerate(group):
+                reference[i] = logps[2 * k:2 * k + 2].float()
     timings["reference_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -164,24 +168,23 @@ def train_adapter(
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             stats = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
-            for i in batch:  # gradient accumulation: one pair (two rows) per forward
-                pair = usable[i]
+            for group in forward_groups(usable, batch, cfg.forward_tokens):  # usually one forward per step
                 with autocast():
-                    logps, n_tokens = pair_logps(model, pair.chosen.ids, pair.chosen.mask,
-                                                 pair.rejected.ids, pair.rejected.mask)
+                    logps, n_tokens = rows_logps(model, pair_rows(usable, group))
                 logps = logps.float()
-                nll = -logps[0] / n_tokens[0]
-                losses, chosen_r, rejected_r = dpo_loss(logps[0:1], logps[1:2], reference[i][0:1], reference[i][1:2],
-                                                        cfg.beta, policy_chosen_nll=nll, nll_weight=cfg.nll_weight)
-                loss = losses.mean()
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, pair {i}: {loss.item()}")
-                (loss / len(batch)).backward()
-                stats["loss"] += loss.item() / len(batch)
-                stats["margin"] += (chosen_r - rejected_r).item() / len(batch)
-                stats["accuracy"] += float((chosen_r > rejected_r).item()) / len(batch)
-                stats["chosen_reward"] += chosen_r.item() / len(batch)
-                stats["rejected_reward"] += rejected_r.item() / len(batch)
+                chosen, rejected = logps[0::2], logps[1::2]
+                ref = torch.stack([reference[i] for i in group])  # (pairs, 2)
+                nll = -chosen / n_tokens[0::2]
+                losses, chosen_r, rejected_r = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], cfg.beta,
+                                                        policy_chosen_nll=nll, nll_weight=cfg.nll_weight)
+                if not torch.isfinite(losses).all():
+                    raise TrainingError(f"non-finite loss at epoch {epoch + 1}, pairs {group}: {losses.tolist()}")
+                (losses.sum() / len(batch)).backward()
+                stats["loss"] += losses.sum().item() / len(batch)
+                stats["margin"] += (chosen_r - rejected_r).sum().item() / len(batch)
+                stats["accuracy"] += (chosen_r > rejected_r).float().sum().item() / len(batch)
+                stats["chosen_reward"] += chosen_r.sum().item() / len(batch)
+                stats["rejected_reward"] += rejected_r.sum().item() / len(batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise TrainingError(f"non-finite gradient at epoch {epoch + 1}")
@@ -237,6 +240,24 @@ def train_adapter(
     (tmp / "hone-adapter.json").write_text(json.dumps(meta, indent=1))
     os.rename(tmp, out_dir)
     return TrainResult(out_dir, metrics, counts, timings)
+
+
+def pair_rows(pairs: Sequence[Pair], group: Sequence[int]) -> list[tuple[Sequence[int], Sequence[int]]]:
+    """The rows of one forward: chosen, rejected, chosen, rejected, ... of the pairs in `group`."""
+    return [(s.ids, s.mask) for i in group for s in (pairs[i].chosen, pairs[i].rejected)]
+
+
+def forward_groups(pairs: Sequence[Pair], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Split pair indices, in order, into forwards of at most `max_tokens` token positions each
+    (shared_forward_tokens). A pair too big on its own still gets a forward: max_length bounds it."""
+    groups: list[list[int]] = []
+    for i in indices:
+        trial = (groups[-1] if groups else []) + [i]
+        if groups and shared_forward_tokens([ids for ids, _ in pair_rows(pairs, trial)]) <= max_tokens:
+            groups[-1] = trial
+        else:
+            groups.append([i])
+    return groups
 
 
 def _give_back_freed_memory() -> None:

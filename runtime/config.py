@@ -89,6 +89,7 @@ class Settings:
     dpo_autocast: str = "auto"  # auto (bf16 where the CPU has native bf16) | bf16 | fp32
     dpo_device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     dpo_gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
+    dpo_forward_tokens: int = 4096  # most token positions one forward runs: a batch's pairs share forwards up to it
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -196,7 +197,8 @@ class Settings:
             "max_steps", "max_tokens", "python_cpu_s", "python_wall_s", "python_memory_mb",
             "python_output_bytes", "storage_max_key_chars", "storage_max_value_bytes", "storage_max_keys",
             "learner_poll_s", "pairs_per_task", "max_pairs", "min_pairs", "explore_concurrency", "dpo_beta",
-            "dpo_lr", "dpo_epochs", "dpo_batch_size", "dpo_max_length", "lora_rank", "lora_alpha", "gate_tasks",
+            "dpo_lr", "dpo_epochs", "dpo_batch_size", "dpo_max_length", "dpo_forward_tokens", "lora_rank", "lora_alpha",
+            "gate_tasks",
             "swap_tolerance", "keep_adapters",
         ):
             positive(name)

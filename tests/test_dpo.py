@@ -11,9 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from learner.dpo import dpo_loss, padded_rows, pair_logps, sequence_logps
+from learner.dpo import (common_prefix_length, dpo_loss, padded_rows, pair_logps, rows_logps, sequence_logps,
+                         shared_forward_tokens)
 from learner.probe import check_adapter_files, probe_adapter, probe_prompt_ids
-from learner.train import TrainConfig, TrainingError, train_adapter
+from learner.train import TrainConfig, TrainingError, forward_groups, train_adapter
 from learner.types import Pair, TokenSequence
 from tests.test_model import needs_gguf
 
@@ -190,6 +191,89 @@ def test_pair_logps_runs_the_shared_prefix_once(tiny_model) -> None:
     finally:
         handle.remove()
     assert seen == [(1, 20), (2, 3)]  # 26 token positions embedded, not 2 x 23
+
+
+# Three tasks after one prompt (SHARED): each a question, then a chosen and a rejected attempt.
+BATCH_ROWS = [
+    (SHARED + [31, 32, 40, 41, 42], [0] * 22 + [1] * 3), (SHARED + [31, 32, 50, 51], [0] * 22 + [1] * 2),
+    (SHARED + [33, 34, 35, 40, 60, 61, 62], [0] * 23 + [1] * 4), (SHARED + [33, 34, 35, 44], [0] * 23 + [1]),
+    (SHARED + [36, 40, 41, 70, 43], [0] * 21 + [1] * 2 + [0] + [1]), (SHARED + [36, 45], [0] * 21 + [1]),
+]
+
+
+def test_rows_logps_of_several_pairs_equals_running_every_row_whole(tiny_model) -> None:
+    """A batch of pairs in one forward (one prompt, six suffixes): the same log-probs, token counts and
+    LoRA gradients as the six full rows (fp32)."""
+    model = _lora(tiny_model)
+
+    def values_and_grads(fn):
+        model.zero_grad()
+        logps, n = fn()
+        (logps * torch.tensor([2.0, -1.0, 0.5, -3.0, 1.0, -0.25])).sum().backward()
+        return logps.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    try:
+        shared = values_and_grads(lambda: rows_logps(model, BATCH_ROWS))
+        whole = values_and_grads(lambda: sequence_logps(model, *padded_rows(*BATCH_ROWS)))
+        pairwise = torch.cat([pair_logps(model, *BATCH_ROWS[i], *BATCH_ROWS[i + 1])[0] for i in (0, 2, 4)]).detach()
+    finally:
+        model.unload()
+    assert torch.allclose(shared[0], whole[0], atol=1e-5) and torch.equal(shared[1], whole[1])
+    assert torch.allclose(shared[0], pairwise, atol=1e-5)
+    assert shared[2].keys() == whole[2].keys() and len(shared[2]) > 0
+    assert all(torch.allclose(shared[2][k], whole[2][k], atol=1e-5) for k in whole[2])
+
+
+def test_rows_logps_runs_the_common_prefix_once_for_the_whole_batch(tiny_model) -> None:
+    seen: list[tuple[int, int]] = []
+    handle = tiny_model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    try:
+        rows_logps(tiny_model, BATCH_ROWS)
+    finally:
+        handle.remove()
+    assert seen == [(1, 20), (6, 7)]  # the prompt once, then six suffixes padded to the longest (7)
+    assert common_prefix_length([r for r, _ in BATCH_ROWS]) == 20
+    assert shared_forward_tokens([r for r, _ in BATCH_ROWS]) == 20 + 6 * 7
+    assert shared_forward_tokens([[1, 2, 3], [1, 2, 3]]) == 2 + 2 * 1  # identical rows: each keeps its last token
+
+
+def _token_pair(question: list[int], chosen: list[int], rejected: list[int], group: str) -> Pair:
+    def seq(answer: list[int]) -> TokenSequence:
+        return TokenSequence(tuple(SHARED + question + answer), tuple([0] * (20 + len(question)) + [1] * len(answer)))
+
+    return Pair(seq(chosen), seq(rejected), group)
+
+
+def test_forward_groups_fill_each_forward_up_to_the_token_budget() -> None:
+    pairs = [_token_pair([31 + i], [40, 41], [50], f"t{i}") for i in range(5)]
+    cost = shared_forward_tokens([s.ids for p in pairs[:2] for s in (p.chosen, p.rejected)])  # 20 + 4 * 3
+    assert forward_groups(pairs, range(5), max_tokens=10_000) == [[0, 1, 2, 3, 4]]
+    assert forward_groups(pairs, [4, 0, 2, 1, 3], max_tokens=cost) == [[4, 0], [2, 1], [3]]
+    assert forward_groups(pairs, range(3), max_tokens=1) == [[0], [1], [2]]  # too big alone: still one forward each
+
+
+def test_how_a_batch_is_split_into_forwards_does_not_change_what_is_trained(tmp_path: Path, tiny_model) -> None:
+    """One forward per step, or one per pair: the same steps, losses and adapter (fp32). The
+    reference log-probs are batched differently from the policy's, and still agree."""
+    model_dir = tmp_path / "tiny"
+    tiny_model.save_pretrained(str(model_dir))
+    pairs = [_token_pair([31 + i, 32 + i], [40 + i, 41, 42], [50 + i, 51], f"t{i}") for i in range(6)]
+    results = {}
+    for name, budget in (("batched", 10_000), ("per-pair", 1)):
+        cfg = TrainConfig(lr=5e-3, epochs=2, batch_size=3, lora_rank=4, lora_alpha=8, threads=2, seed=3,
+                          bf16_autocast=False, device="cpu", forward_tokens=budget, nll_weight=0.5)
+        result = train_adapter(model_dir, pairs, cfg, tmp_path / name, progress=False, probe_prompt=SHARED[:8])
+        meta = json.loads((result.path / "hone-adapter.json").read_text())
+        results[name] = (meta["history"], load_file(str(result.path / "adapter_model.safetensors")))
+    (h_batched, w_batched), (h_pairs, w_pairs) = results["batched"], results["per-pair"]
+    assert len(h_batched) == len(h_pairs) == 4
+    # step 1: the fresh LoRA is a no-op, so the policy's log-probs are the reference's, batched otherwise
+    assert h_batched[0]["margin"] == pytest.approx(0.0, abs=1e-5) and h_batched[0]["chosen_reward"] == pytest.approx(0.0, abs=1e-5)
+    for a, b in zip(h_batched, h_pairs):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["margin"] == pytest.approx(b["margin"], abs=1e-5)
+    assert w_batched.keys() == w_pairs.keys()
+    assert all(torch.allclose(w_batched[k], w_pairs[k], atol=1e-5) for k in w_batched)
+    assert any(w_batched[k].abs().max() > 1e-3 for k in w_batched if "lora_B" in k)  # it did train
 
 
 # --- adapter files -----------------------------------------------------------------------------
