@@ -183,13 +183,20 @@ def test_pair_logps_equals_running_both_rows_whole(tiny_model, chosen, chosen_ma
     assert all(torch.allclose(shared[2][k], whole[2][k], atol=1e-5) for k in whole[2])
 
 
-def test_pair_logps_runs_the_shared_prefix_once(tiny_model) -> None:
+def _embedded_shapes(model, fn) -> list[tuple[int, int]]:
+    """The (rows, positions) of every batch of tokens the decoder embedded while fn ran."""
     seen: list[tuple[int, int]] = []
-    handle = tiny_model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
+    handle = model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
     try:
-        pair_logps(tiny_model, SHARED + [40, 41], [0] * 20 + [1] * 2, SHARED + [50, 51, 52], [0] * 20 + [1] * 3)
+        fn()
     finally:
         handle.remove()
+    return seen
+
+
+def test_pair_logps_runs_the_shared_prefix_once(tiny_model) -> None:
+    seen = _embedded_shapes(tiny_model, lambda: pair_logps(
+        tiny_model, SHARED + [40, 41], [0] * 20 + [1] * 2, SHARED + [50, 51, 52], [0] * 20 + [1] * 3))
     assert seen == [(1, 20), (2, 3)]  # 26 token positions embedded, not 2 x 23
 
 
@@ -225,12 +232,7 @@ def test_rows_logps_of_several_pairs_equals_running_every_row_whole(tiny_model) 
 
 
 def test_rows_logps_runs_the_common_prefix_once_for_the_whole_batch(tiny_model) -> None:
-    seen: list[tuple[int, int]] = []
-    handle = tiny_model.model.embed_tokens.register_forward_hook(lambda _m, inputs, _o: seen.append(tuple(inputs[0].shape)))
-    try:
-        rows_logps(tiny_model, BATCH_ROWS)
-    finally:
-        handle.remove()
+    seen = _embedded_shapes(tiny_model, lambda: rows_logps(tiny_model, BATCH_ROWS))
     assert seen == [(1, 20), (6, 7)]  # the prompt once, then six suffixes padded to the longest (7)
     assert common_prefix_length([r for r, _ in BATCH_ROWS]) == 20
     assert shared_forward_tokens([r for r, _ in BATCH_ROWS]) == 20 + 6 * 7
