@@ -73,6 +73,10 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/results/prefix.json"))
     args = ap.parse_args()
     methods = args.methods.split(",")
+    unknown = sorted(set(methods) - {"whole", "pair", "batch"})
+    if unknown:
+        print(f"prefix: unknown --methods {unknown}; choose from whole, pair, batch", file=sys.stderr)
+        return 2
 
     s = Settings.load()
     if not s.db_path.exists():
