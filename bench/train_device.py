@@ -5,13 +5,16 @@
 1. Equivalence: a SmolLM2-135M-shaped model trained in fp32 (no autocast) on cpu and on cuda from
    the same weights and pairs: per-step losses and the saved LoRA factors must agree.
 2. Throughput: each size on cuda (bf16 autocast, the default there) and the 135M size on cpu:
-   pairs/s, training and reference time, peak GPU memory.
+   pairs/s, training and reference time, peak GPU memory. Each cuda size runs with each --methods:
+   `batch` runs an optimizer step's pairs in one forward (the trainer's default, forward_tokens
+   4096), `pair` one pair per forward (forward_tokens 1, the trainer before 2026-12-04).
 
 The models have SmolLM2's shapes (135M, 360M, 1.7B configs) and random weights: the model hubs are
 not reachable from the GPU machines this runs on, and the 135M weights (270 MB) exceed what travels
 there. Speed and memory do not depend on weight values. The pairs have the shape of the loop's
-real pairs: a shared ~1,250-token prefix (prompt, examples, question), then per row ~100-170
-tokens of which the model generated all but a 40-token tool result in the middle.
+real pairs: one ~1,150-token prompt (system prompt and worked examples) common to every pair, a
+50-250-token question per pair, then per row ~100-170 tokens of which the model generated all but
+a 40-token tool result in the middle.
 Results: stdout (markdown) and DIR/train_device.json.
 """
 
@@ -30,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from learner.train import TrainConfig  # noqa: E402
+
 SHAPES = {  # SmolLM2 configs (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}-Instruct config.json)
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, rope_theta=100000.0),
@@ -38,7 +43,7 @@ SHAPES = {  # SmolLM2 configs (HuggingFaceTB/SmolLM2-{135M,360M,1.7B}-Instruct c
     "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
                  num_key_value_heads=32, rope_theta=130000.0),
 }
-VOCAB, PREFIX = 49152, 1250
+VOCAB, PROMPT = 49152, 1150
 
 
 def make_model(size: str, out: Path, device: str) -> Path:
@@ -59,9 +64,10 @@ def make_pairs(n: int, seed: int = 0):
     from learner.types import Pair, TokenSequence
 
     rng = random.Random(seed)
+    prompt = [rng.randrange(3, VOCAB) for _ in range(PROMPT)]
     pairs = []
     for i in range(n):
-        prefix = [rng.randrange(3, VOCAB) for _ in range(PREFIX + rng.randrange(0, 200))]
+        prefix = prompt + [rng.randrange(3, VOCAB) for _ in range(rng.randrange(50, 250))]
 
         def row(first: int, second: int) -> TokenSequence:
             ids = prefix + [rng.randrange(3, VOCAB) for _ in range(first + 40 + second)]
@@ -73,15 +79,20 @@ def make_pairs(n: int, seed: int = 0):
     return pairs
 
 
-def train(model_dir: Path, pairs, device: str, epochs: int, autocast: bool | None, out: Path, threads: int = 0) -> dict:
+METHODS = {"batch": TrainConfig.forward_tokens, "pair": 1}  # forward_tokens: 1 leaves every pair a forward of its own
+
+
+def train(model_dir: Path, pairs, device: str, epochs: int, autocast: bool | None, out: Path, threads: int = 0,
+          method: str = "batch") -> dict:
     import torch
 
-    from learner.train import TrainConfig, train_adapter
+    from learner.train import train_adapter
 
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    cfg = TrainConfig(epochs=epochs, device=device, bf16_autocast=autocast, threads=threads)
+    cfg = TrainConfig(epochs=epochs, device=device, bf16_autocast=autocast, threads=threads,
+                      forward_tokens=METHODS[method])
     dest = out / f"adapter-{model_dir.name}-{device}-{'auto' if autocast is None else autocast}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
     result = train_adapter(model_dir, pairs, cfg, dest, progress=False, probe_prompt=list(range(5, 40)))
@@ -105,7 +116,12 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--cpu-pairs", type=int, default=8, help="pairs for the cpu throughput row (it is slow)")
     ap.add_argument("--equivalence-pairs", type=int, default=8)
+    ap.add_argument("--methods", default="batch,pair", help="cuda forward layouts to time: batch, pair (see above)")
     args = ap.parse_args()
+    methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in METHODS]:
+        print(f"train_device: unknown --methods {','.join(unknown)}; choose from {','.join(METHODS)}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -142,12 +158,14 @@ def main() -> int:
     # 2. throughput
     pairs = make_pairs(args.pairs, seed=2)
     rows = []
-    runs = [("135m", "cpu")] + [(s, "cuda") for s in args.sizes.split(",")]
-    for size, device in runs:
-        model_dir = small if size == "135m" else make_model(size, work, "cuda")
+    runs = [("135m", "cpu", "batch")] + [(s, "cuda", m) for s in args.sizes.split(",") for m in methods]
+    models = {"135m": small}
+    for size, device, method in runs:
+        model_dir = models.get(size) or models.setdefault(size, make_model(size, work, "cuda"))
         todo = pairs[: args.cpu_pairs] if device == "cpu" else pairs
-        r = train(model_dir, todo, device, args.epochs, None, work, threads=(os.cpu_count() or 0) if device == "cpu" else 0)
-        row = {"size": size, "device": device, "pairs": len(todo), "epochs": args.epochs,
+        r = train(model_dir, todo, device, args.epochs, None, work,
+                  threads=(os.cpu_count() or 0) if device == "cpu" else 0, method=method)
+        row = {"size": size, "device": device, "method": method, "pairs": len(todo), "epochs": args.epochs,
                "bf16_autocast": r["metrics"]["bf16_autocast"], "pairs_per_s": r["metrics"]["pairs_per_s"],
                "reference_s": r["timings"]["reference_s"], "train_s": r["timings"]["train_s"],
                "load_s": r["timings"]["load_s"], "peak_gpu_mb": r["metrics"].get("peak_gpu_mb"),
@@ -158,11 +176,15 @@ def main() -> int:
         (args.out / "train_device.json").write_text(json.dumps({**report, "throughput": rows}, indent=1))
     report["throughput"] = rows
 
-    print("\n| model shape | device | autocast | pairs/s | reference s | train s | peak GPU MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| model shape | device | forward | autocast | pairs/s | reference s | train s | peak GPU MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| SmolLM2-{r['size']} | {r['device']} | {'bf16' if r['bf16_autocast'] else 'fp32'} | {r['pairs_per_s']} "
-              f"| {r['reference_s']} | {r['train_s']} | {r['peak_gpu_mb'] or '-'} |")
+        print(f"| SmolLM2-{r['size']} | {r['device']} | {r['method']} | {'bf16' if r['bf16_autocast'] else 'fp32'} "
+              f"| {r['pairs_per_s']} | {r['reference_s']} | {r['train_s']} | {r['peak_gpu_mb'] or '-'} |")
+    for size in args.sizes.split(","):
+        by = {r["method"]: r for r in rows if r["size"] == size and r["device"] == "cuda"}
+        if "batch" in by and "pair" in by:
+            print(f"SmolLM2-{size} cuda: batch / pair = {by['batch']['pairs_per_s'] / by['pair']['pairs_per_s']:.2f}x pairs/s")
     (args.out / "train_device.json").write_text(json.dumps(report, indent=1))
     return 0
 
