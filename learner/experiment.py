@@ -63,7 +63,10 @@ class ExperimentError(RuntimeError):
 
 @dataclass
 class LoopConfig:
-    cycles: int = 3
+    cycles: int = 3  # the most cycles run
+    # Stop once this many candidates were promoted (None: run all `cycles`). The target counts the
+    # first 3 promotions, so `cycles=4, promotions=3` gives a run with one rejection its third.
+    promotions: int | None = None
     # Traffic and held-out from one distribution (ASDiv-A, disjoint items): the product's number is
     # success on its own traffic. MAWPS traffic measured on ASDiv-A (runs 1-9) tests transfer
     # instead, and stayed below the target: `--train-tasks bench/data/mawps.jsonl` (docs/benchmarks.md).
@@ -245,6 +248,9 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
                                    "eval_s": round(time.monotonic() - t0, 1)})
             say("base: " + ", ".join(f"{k} {v['rate']:.1%}" for k, v in base.items()))
             for k in range(cfg.cycles):
+                if done_promoting(result["rows"], cfg.promotions):
+                    say(f"{cfg.promotions} promotion(s) reached after {k} cycle(s); stopping")
+                    break
                 batch = [train[(k * cfg.per_cycle + i) % len(train)] for i in range(cfg.per_cycle)]
                 t0 = time.monotonic()
                 traffic = asyncio.run(stream_traffic(url, batch, cfg.concurrency))
@@ -272,6 +278,10 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     _save(cfg.out, result)
     write_report(result, cfg.out)
     return result
+
+
+def done_promoting(rows: Sequence[dict[str, Any]], promotions: int | None) -> bool:
+    return promotions is not None and sum(r["status"] == "promoted" for r in rows) >= promotions
 
 
 def _save(out: Path, result: dict[str, Any]) -> None:

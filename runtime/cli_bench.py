@@ -14,7 +14,10 @@ def bench_cmd() -> None:
 
 
 @bench_cmd.command("loop")
-@click.option("--cycles", type=click.IntRange(1, 100), default=3, show_default=True, help="learner cycles to run")
+@click.option("--cycles", type=click.IntRange(1, 100), default=3, show_default=True, help="learner cycles to run (at most)")
+@click.option("--promotions", type=click.IntRange(1, 100),
+              help="stop once this many candidates were promoted; --cycles 4 --promotions 3 gives a run with one "
+                   "rejection its third promotion (the target counts the first 3)")
 @click.option("--train-tasks", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="training pool, streamed as traffic (default bench/data/asdiv-a-train.jsonl: 957 ASDiv-A items; "
                    "bench/data/mawps.jsonl for MAWPS)")
@@ -34,7 +37,7 @@ def bench_cmd() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="results folder (default bench/results/loop)")
 @click.option("--set", "settings", multiple=True, metavar="HONE_X=V",
               help="a server/learner setting for this experiment, e.g. --set HONE_DPO_LR=1e-4")
-def loop_cmd(cycles: int, train_tasks: Path | None, per_cycle: int, gate_tasks: int, heldout: Path | None,
+def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_cycle: int, gate_tasks: int, heldout: Path | None,
              heldout_limit: int, suites: tuple[Path, ...], suite_limit: int, concurrency: int, model: str | None,
              out: Path | None, settings: tuple[str, ...]) -> None:
     """Serve a fresh agent, stream training tasks through it, let the background learner run
@@ -47,7 +50,10 @@ def loop_cmd(cycles: int, train_tasks: Path | None, per_cycle: int, gate_tasks: 
     from learner.experiment import ExperimentError, LoopConfig, run_experiment
     from learner.tasks import TaskFileError
 
-    cfg = LoopConfig(cycles=cycles, per_cycle=per_cycle, gate_tasks=gate_tasks, heldout_limit=heldout_limit,
+    if promotions is not None and promotions > cycles:
+        raise click.BadParameter(f"{promotions} promotions need at least as many --cycles (got {cycles})",
+                                 param_hint="--promotions")
+    cfg = LoopConfig(cycles=cycles, promotions=promotions, per_cycle=per_cycle, gate_tasks=gate_tasks, heldout_limit=heldout_limit,
                      suite_limit=suite_limit, concurrency=concurrency, model=model)
     if train_tasks:
         cfg.train_tasks = train_tasks

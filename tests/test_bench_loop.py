@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from learner.experiment import ExperimentError, LoopConfig, load_pools
+from learner.experiment import ExperimentError, LoopConfig, done_promoting, load_pools
 from learner.report import table, verdicts, write_report
 from runtime.cli import main
 
@@ -76,6 +76,8 @@ def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
 def test_cli_refuses_bad_settings_and_missing_files(tmp_path: Path) -> None:
     out = CliRunner().invoke(main, ["bench", "loop", "--set", "DPO_LR=1"])
     assert out.exit_code == 2 and "HONE_NAME=VALUE" in out.output
+    out = CliRunner().invoke(main, ["bench", "loop", "--cycles", "2", "--promotions", "3"])
+    assert out.exit_code == 2 and "at least as many --cycles" in out.output
     out = CliRunner().invoke(main, ["bench", "loop", "--heldout", str(tmp_path / "nope.jsonl")])
     assert out.exit_code == 2 and "does not exist" in out.output
 
@@ -89,3 +91,12 @@ def test_heldout_questions_seen_in_training_are_dropped_before_the_limit(tmp_pat
                     + json.dumps({"id": "h2", "question": "What is 30 + 1?", "answer": 31}) + "\n")
     _, _, pools = load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, heldout_limit=1))
     assert [t.id for t in pools["heldout"][1]] == ["h2"]
+
+
+def test_the_loop_stops_once_enough_candidates_were_promoted() -> None:
+    rows = result(("base", None, 0.3, 0.0), ("promoted", "hone-v1", 0.4, 0.0), ("rejected", "hone-v2", 0.3, 0.0),
+                  ("promoted", "hone-v3", 0.5, 0.0))["rows"]
+    assert not done_promoting(rows, None)  # no limit: every --cycles cycle runs
+    assert not done_promoting(rows[:3], 2)  # one promotion, one rejection: go on
+    assert done_promoting(rows, 2)
+    assert not done_promoting(rows, 3)
