@@ -45,7 +45,7 @@ FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # training a batch's pairs in one forward (learner/dpo.py rows_logps) halved that, and the time went
 # to data: two runs with identical settings ended 14.5 points apart on 200 held-out tasks, and a
 # cycle that trains on only its own ~30 newest pairs is at the mercy of which rollouts it drew.
-# 64 pairs per cycle replays the parent's newest pairs next to the fresh ones. Run 12: 69 min.
+# 64 pairs per cycle replays the parent's newest pairs next to the fresh ones. Runs 12-13: 69, 62 min.
 # Nothing is served while a cycle trains here, so training gets every core. Exploration is cheap
 # next to training (192 rollouts ~2.5 min) and pairs are what the model lacks; the NLL term on
 # chosen trajectories is Iterative RPO's (Pang et al. 2024), which found DPO alone barely moves

@@ -45,7 +45,7 @@ def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_
 
     Writes loop.json, loop.md (the table) and loop.png (success against cycle) to --out, and
     keeps the experiment's HONE_HOME there (inspect it with HONE_HOME=... hone cycles / hone evals).
-    About 69 minutes on a 2-core CPU with the defaults (run 12; --set HONE_MAX_PAIRS=32 trains less); on a GPU raise --per-cycle, --heldout-limit,
+    About 62 minutes on a 2-core CPU with the defaults (run 13; --set HONE_MAX_PAIRS=32 trains less); on a GPU raise --per-cycle, --heldout-limit,
     --suite-limit and --concurrency, and pass --model for a bigger model."""
     from learner.experiment import ExperimentError, LoopConfig, run_experiment
     from learner.tasks import TaskFileError
