@@ -6,8 +6,9 @@
 Every configuration trains in its own subprocess (so each peak RSS is its own) on the same N
 preference pairs: a chat-formatted prompt plus a chosen and a rejected completion, each sequence
 exactly --length tokens of the embedded SmolLM2-135M. Same LoRA (r 16, alpha 32, all linear
-projections), beta 0.1, lr 5e-5, one pair per forward with 4-pair gradient accumulation for both.
-TRL runs with its defaults otherwise (reference log-probs recomputed every step, full-vocabulary
+projections), beta 0.1, lr 5e-5, 4 pairs per optimizer step. hone runs a step's 4 pairs in one
+forward (its default); TRL runs them as 4 forwards of one pair with gradient accumulation (`trl`)
+and, in bf16, as one batch of 4 (`trl-b4`). TRL runs with its defaults otherwise (reference log-probs recomputed every step, full-vocabulary
 logits). Throughput = pairs x epochs / wall time of reference + training (model load excluded).
 Results: stdout (markdown) and bench/results/dpo.json.
 """
@@ -77,7 +78,7 @@ def worker_hone(model_dir: Path, pairs: list[dict], epochs: int, threads: int, b
             "final_loss": r.metrics["loss_last_epoch"], "tokens_per_pair": len(data[0].chosen.ids) + len(data[0].rejected.ids)}
 
 
-def worker_trl(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf16: bool) -> dict:
+def worker_trl(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf16: bool, batch: int = 1) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -93,7 +94,7 @@ def worker_trl(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     data = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
     with tempfile.TemporaryDirectory() as tmp:
-        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=1, gradient_accumulation_steps=ACCUMULATE,
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=batch, gradient_accumulation_steps=ACCUMULATE // batch,
                          num_train_epochs=epochs, learning_rate=LR, beta=BETA, max_length=10_000,
                          bf16=bf16, use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
                          lr_scheduler_type="constant", warmup_steps=0, dataloader_num_workers=0, seed=0)
@@ -107,9 +108,11 @@ def worker_trl(model_dir: Path, pairs: list[dict], epochs: int, threads: int, bf
             "final_loss": out.training_loss, "prompt_tokens_seen_by_trl": lengths}
 
 
-def run_worker(args: argparse.Namespace, impl: str, bf16: bool, pairs_file: Path, checkpointing: bool = False) -> dict:
+def run_worker(args: argparse.Namespace, impl: str, bf16: bool, pairs_file: Path, checkpointing: bool = False,
+               batch: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, "--bf16", str(int(bf16)), "--pairs-file", str(pairs_file),
-           "--epochs", str(args.epochs), "--threads", str(args.threads), "--checkpointing", str(int(checkpointing))]
+           "--epochs", str(args.epochs), "--threads", str(args.threads), "--checkpointing", str(int(checkpointing)),
+           "--batch", str(batch)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
@@ -127,6 +130,7 @@ def main() -> None:
     ap.add_argument("--bf16", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", help=argparse.SUPPRESS)
     ap.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
     from tests.integration_support import prepared_model
@@ -137,7 +141,7 @@ def main() -> None:
         if args.worker == "hone":
             out = worker_hone(model_dir, pairs, args.epochs, args.threads, bool(args.bf16), bool(args.checkpointing))
         else:
-            out = worker_trl(model_dir, pairs, args.epochs, args.threads, bool(args.bf16))
+            out = worker_trl(model_dir, pairs, args.epochs, args.threads, bool(args.bf16), args.batch)
         print(json.dumps(out))
         return
 
@@ -150,14 +154,17 @@ def main() -> None:
             for impl in ("hone", "trl"):
                 print(f"running {impl} bf16={bf16} ...", file=sys.stderr)
                 rows.append({"impl": impl, "bf16": bf16, **run_worker(args, impl, bf16, pairs_file)})
+            if bf16:  # TRL batching the step's pairs too, as hone does
+                print("running trl-b4 bf16=True ...", file=sys.stderr)
+                rows.append({"impl": "trl-b4", "bf16": True, **run_worker(args, "trl", True, pairs_file, batch=ACCUMULATE)})
         # without native bf16 a CPU trains in fp32: gradient checkpointing is the memory option there
         print("running hone bf16=False gradient checkpointing ...", file=sys.stderr)
         rows.append({"impl": "hone+ckpt", "bf16": False, **run_worker(args, "hone", False, pairs_file, True)})
     ratios = {}
-    for bf16 in (True, False):
-        ours, trl = (next(r for r in rows if r["impl"] == i and r["bf16"] == bf16) for i in ("hone", "trl"))
+    for bf16, other in ((True, "trl"), (True, "trl-b4"), (False, "trl")):
+        ours, trl = (next(r for r in rows if r["impl"] == i and r["bf16"] == bf16) for i in ("hone", other))
         if "error" not in ours and "error" not in trl:
-            ratios["bf16" if bf16 else "fp32"] = {"speedup": round(ours["pairs_per_s"] / trl["pairs_per_s"], 2),
+            ratios[("bf16" if bf16 else "fp32") + ("" if other == "trl" else "_vs_" + other)] = {"speedup": round(ours["pairs_per_s"] / trl["pairs_per_s"], 2),
                                                   "rss_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 2)}
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
               f"{__import__('os').cpu_count()} cores", "pairs": args.pairs, "length": args.length,

@@ -254,6 +254,20 @@ def test_forward_groups_fill_each_forward_up_to_the_token_budget() -> None:
     assert forward_groups(pairs, range(3), max_tokens=1) == [[0], [1], [2]]  # too big alone: still one forward each
 
 
+def test_pairs_with_different_prompts_keep_a_forward_each() -> None:
+    """Rows share only the prefix common to all of them: joining pairs that share no prompt would
+    run each pair's own prefix twice (once per row) instead of once."""
+    def pair(prompt: list[int], group: str) -> Pair:
+        def seq(answer: list[int]) -> TokenSequence:
+            return TokenSequence(tuple(prompt + answer), tuple([0] * len(prompt) + [1] * len(answer)))
+        return Pair(seq([90, 91]), seq([92]), group)
+
+    own = [pair(list(range(100 * i, 100 * i + 30)), f"t{i}") for i in range(1, 4)]
+    assert forward_groups(own, range(3), max_tokens=10_000) == [[0], [1], [2]]
+    mixed = [own[0], _token_pair([31], [40, 41], [50], "s1"), _token_pair([32], [40], [50, 51], "s2")]
+    assert forward_groups(mixed, range(3), max_tokens=10_000) == [[0], [1, 2]]
+
+
 def test_how_a_batch_is_split_into_forwards_does_not_change_what_is_trained(tmp_path: Path, tiny_model) -> None:
     """One forward per step, or one per pair: the same steps, losses and adapter (fp32). The
     reference log-probs are batched differently from the policy's, and still agree."""
