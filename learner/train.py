@@ -258,13 +258,17 @@ def forward_groups(pairs: Sequence[Pair], indices: Sequence[int], max_tokens: in
         return shared_forward_tokens([ids for ids, _ in pair_rows(pairs, group)])
 
     groups: list[list[int]] = []
+    last = 0  # cost(groups[-1]), kept rather than recomputed: the reference pass groups every pair
     for i in indices:
+        alone = cost([i])
         if groups:
             merged = cost(groups[-1] + [i])
-            if merged <= max_tokens and merged < cost(groups[-1]) + cost([i]):
-                groups[-1] = groups[-1] + [i]
+            if merged <= max_tokens and merged < last + alone:
+                groups[-1].append(i)
+                last = merged
                 continue
         groups.append([i])
+        last = alone
     return groups
 
 
