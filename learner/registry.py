@@ -7,6 +7,7 @@ transaction, so the registry and what serves never disagree, even across a crash
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -181,8 +182,10 @@ class Registry:
     # ------------------------------------------------------------------ adapters
 
     def new_version(self) -> str:
-        row = self._one("SELECT COUNT(*) AS n FROM adapters", [])
-        return f"hone-v{(row or {'n': 0})['n'] + 1}"
+        """hone-v<K+1> for the highest K so far; a cycle's epoch snapshots (hone-vK-e1) share its K."""
+        versions = [r["version"] for r in self._all("SELECT version FROM adapters", [])]
+        numbers = [int(m.group(1)) for v in versions if (m := re.match(r"hone-v(\d+)", v))]
+        return f"hone-v{max(numbers, default=0) + 1}"
 
     def add_adapter(self, version: str, path: Path, *, parent: str | None, cycle_id: int | None,
                     train: dict[str, Any]) -> None:

@@ -51,7 +51,10 @@ def table(result: dict[str, Any]) -> str:
         t = r.get("traffic")
         cells.append(f"{t['solved']}/{t['n']}" if t else "-")
         g = r.get("gate")
-        cells.append(f"{_pct(g['candidate_rate'])} vs {_pct(g['current_rate'])} (n={g['n_tasks']})" if g else "-")
+        cell = f"{_pct(g['candidate_rate'])} vs {_pct(g['current_rate'])} (n={g['n_tasks']})" if g else "-"
+        if g and len(g.get("candidates") or []) > 1:  # gate_candidates: every epoch's adapter, best first above
+            cell += "; epochs " + ", ".join(f"{c['epoch']}: {_pct(c['candidate_rate'])}" for c in g["candidates"])
+        cells.append(cell)
         for p in pools:
             ev = evals.get(p)
             cells.append(f"{_pct(ev['rate'])} ({ev['success']}/{ev['n']})" if ev else "-")

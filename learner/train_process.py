@@ -24,12 +24,12 @@ from .types import Pair
 _POLL_S = 0.5
 
 
-def _child(events, model_dir, pairs, cfg, out_dir, parent_adapter, progress) -> None:
+def _child(events, model_dir, pairs, cfg, out_dir, parent_adapter, progress, snapshots=None) -> None:
     from .train import train_adapter
 
     try:
         result = train_adapter(model_dir, pairs, cfg, out_dir, parent_adapter=parent_adapter, progress=progress,
-                               on_step=lambda step: events.put(("step", step)))
+                               on_step=lambda step: events.put(("step", step)), snapshots=snapshots)
         events.put(("done", result))
     except TrainingError as e:
         events.put(("error", str(e)))
@@ -55,6 +55,7 @@ def train_adapter_isolated(
     parent_adapter: str | Path | None = None,
     progress: bool = False,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    snapshots: dict[int, str | Path] | None = None,
     _target: Callable[..., None] = _child,
 ) -> TrainResult:
     """`train_adapter` in a spawned child: same arguments, same result or TrainingError."""
@@ -62,7 +63,8 @@ def train_adapter_isolated(
     events = ctx.Queue()
     proc = ctx.Process(target=_target, name="hone-train", daemon=True,
                        args=(events, str(model_dir), list(pairs), cfg, str(out_dir),
-                             str(parent_adapter) if parent_adapter else None, progress))
+                             str(parent_adapter) if parent_adapter else None, progress,
+                             {e: str(d) for e, d in (snapshots or {}).items()}))
     proc.start()
     try:
         while True:
@@ -75,8 +77,9 @@ def train_adapter_isolated(
                     kind, payload = events.get(timeout=_POLL_S)
                 except queue.Empty:
                     proc.join()
-                    for tmp in Path(out_dir).parent.glob(f".{Path(out_dir).name}.tmp-*"):  # killed while saving
-                        shutil.rmtree(tmp, ignore_errors=True)
+                    for dest in (out_dir, *(snapshots or {}).values()):  # killed while saving
+                        for tmp in Path(dest).parent.glob(f".{Path(dest).name}.tmp-*"):
+                            shutil.rmtree(tmp, ignore_errors=True)
                     raise TrainingError(_died(proc.exitcode)) from None
             if kind == "step":
                 if on_step is not None:

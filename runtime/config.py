@@ -98,6 +98,7 @@ class Settings:
     # Learner: gate and swap
     gate_tasks: int = 32  # validation tasks run per side (candidate, current)
     gate_margin: float = 0.0  # promote if candidate rate >= current rate + margin
+    gate_candidates: int = 1  # adapters gated per cycle: the last N epochs'; the best one may be promoted
     gate_tasks_file: Path | None = None  # extra held-out tasks (JSONL: id, question, answer)
     gate_reuse: bool = True  # reuse what serves now's recorded per-task gate results instead of re-running it
     swap_tolerance: float = 0.1  # max mean |vLLM - local| probe log-prob (nats) to accept a swap
@@ -197,7 +198,7 @@ class Settings:
             "max_steps", "max_tokens", "python_cpu_s", "python_wall_s", "python_memory_mb",
             "python_output_bytes", "storage_max_key_chars", "storage_max_value_bytes", "storage_max_keys",
             "learner_poll_s", "pairs_per_task", "max_pairs", "min_pairs", "explore_concurrency", "dpo_beta",
-            "dpo_lr", "dpo_epochs", "dpo_batch_size", "dpo_max_length", "dpo_forward_tokens", "lora_rank", "lora_alpha",
+            "dpo_lr", "dpo_epochs", "gate_candidates", "dpo_batch_size", "dpo_max_length", "dpo_forward_tokens", "lora_rank", "lora_alpha",
             "gate_tasks",
             "swap_tolerance", "keep_adapters",
         ):

@@ -54,6 +54,9 @@ def test_table_and_report_files(tmp_path: Path) -> None:
     r = result(("base", None, 0.2, 0.5), ("promoted", "hone-v1", 0.3, 0.5))
     t = table(r)
     assert "| cycle 1 | hone-v1 | promoted | 8/32 | 50.0% vs 40.0% (n=24) | 30.0% (12/40) | 50.0% (6/12) | 20 | 48 | 1 | 300 | 400 |" in t
+    r["rows"][1]["gate"]["candidates"] = [{"version": "hone-v1", "epoch": 2, "candidate_rate": 0.5},
+                                          {"version": "hone-v1-e1", "epoch": 1, "candidate_rate": 0.45}]
+    assert "| 50.0% vs 40.0% (n=24); epochs 2: 50.0%, 1: 45.0% |" in table(r)  # gate_candidates > 1
     text = write_report(r, tmp_path)
     assert (tmp_path / "loop.md").read_text() == text and "REACHED" not in text and "not reached" in text
     assert (tmp_path / "loop.png").is_file() == ("plot: skipped" not in text)  # skipped only without matplotlib

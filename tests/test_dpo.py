@@ -292,6 +292,38 @@ def test_how_a_batch_is_split_into_forwards_does_not_change_what_is_trained(tmp_
     assert any(w_batched[k].abs().max() > 1e-3 for k in w_batched if "lora_B" in k)  # it did train
 
 
+def test_an_epoch_snapshot_is_the_adapter_that_many_epochs_train(tmp_path: Path, tiny_model) -> None:
+    """The learner gates earlier epochs next to the last: the epoch-1 snapshot of a 2-epoch run must
+    be what a 1-epoch run trains (same seed and order), saved with its own probe and history."""
+    model_dir = tmp_path / "tiny"
+    tiny_model.save_pretrained(str(model_dir))
+    pairs = [_token_pair([31 + i, 32 + i], [40 + i, 41, 42], [50 + i, 51], f"t{i}") for i in range(6)]
+
+    def cfg(epochs: int) -> TrainConfig:
+        return TrainConfig(lr=5e-3, epochs=epochs, batch_size=3, lora_rank=4, lora_alpha=8, threads=2, seed=3,
+                           bf16_autocast=False, device="cpu")
+
+    two = train_adapter(model_dir, pairs, cfg(2), tmp_path / "v1", progress=False, probe_prompt=SHARED[:8],
+                        snapshots={1: tmp_path / "v1-e1"})
+    one = train_adapter(model_dir, pairs, cfg(1), tmp_path / "one", progress=False, probe_prompt=SHARED[:8])
+    [snap] = two.snapshots
+    assert (snap.path, snap.epoch, two.epoch) == (tmp_path / "v1-e1", 1, 2)
+    assert (snap.metrics["epochs"], snap.metrics["steps"], two.metrics["steps"]) == (1, 2, 4)
+    w_snap, w_one = (load_file(str(d / "adapter_model.safetensors")) for d in (snap.path, one.path))
+    assert all(torch.equal(w_snap[k], w_one[k]) for k in w_one)
+    meta = json.loads((snap.path / "hone-adapter.json").read_text())
+    assert meta["epoch"] == 1 and len(meta["history"]) == 2 and meta["probe"]["tokens"]
+    assert meta["probe"] == json.loads((one.path / "hone-adapter.json").read_text())["probe"]
+    w_two = load_file(str(two.path / "adapter_model.safetensors"))
+    assert any(not torch.equal(w_two[k], w_one[k]) for k in w_one)  # the second epoch trained on
+    assert not list(tmp_path.glob(".*.tmp-*"))
+
+    with pytest.raises(TrainingError, match="earlier than the last"):
+        train_adapter(model_dir, pairs, cfg(2), tmp_path / "v2", progress=False, snapshots={2: tmp_path / "v2-e2"})
+    with pytest.raises(TrainingError, match="already exists"):
+        train_adapter(model_dir, pairs, cfg(2), tmp_path / "v3", progress=False, snapshots={1: snap.path})
+
+
 # --- adapter files -----------------------------------------------------------------------------
 
 

@@ -274,6 +274,9 @@ def test_new_version_counts_adapters(reg: Registry, tmp_path: Path) -> None:
     add(reg, tmp_path, "hone-v2")
     reg.update_adapter("hone-v2", status="rejected", reason="gate")
     assert reg.new_version() == "hone-v3"  # rejected ones keep their number
+    add(reg, tmp_path, "hone-v3")
+    add(reg, tmp_path, "hone-v3-e1")  # a cycle's epoch snapshot shares its number
+    assert reg.new_version() == "hone-v4"
 
 
 def test_add_get_update_adapter(reg: Registry, tmp_path: Path) -> None:

@@ -101,3 +101,26 @@ def test_the_gate_reuses_the_current_sides_recorded_results_and_runs_only_what_i
     assert gate["n_tasks"] == 4 and gate["current_reused"] == 3
     assert (gate["candidate_successes"], gate["current_successes"]) == (4, 2)
     assert (gate["fixed"], gate["broken"]) == (2, 0)
+
+
+def test_several_candidates_share_one_run_of_the_current_side_and_the_most_successes_win() -> None:
+    from learner.gate import best_candidate, run_gates
+    from learner.runner import Attempt
+
+    tasks = [Task(f"file:q{i}", ({"role": "user", "content": f"q{i}"},), i, "numeric") for i in range(4)]
+    solves = {"hone-v2": {0}, "hone-v2-e1": {0, 1, 2}, "hone-v1": {0, 3}}
+    ran: list[tuple[str, str]] = []
+
+    class Runner:
+        async def attempt_all(self, jobs, *, on_done=None):
+            ran.extend((j["adapter"], j["task"].key) for j in jobs)
+            return [Attempt(j["task"], None, "ok", "", int(j["task"].key[-1]) in solves[j["adapter"]], 2) for j in jobs]
+
+    gates = asyncio.run(run_gates(Runner(), tasks, candidates=["hone-v2", "hone-v2-e1"], current="hone-v1",
+                                  cycle_id=2, margin=0.0, known_current={"file:q0": True}))
+    assert sorted(a for a, _ in ran) == ["hone-v1"] * 3 + ["hone-v2"] * 4 + ["hone-v2-e1"] * 4  # current: once, q1-q3
+    assert gates["hone-v2-e1"]["current_reused"] == 4 and gates["hone-v2-e1"]["current_successes"] == 2
+    assert [g["candidate_successes"] for g in gates.values()] == [1, 3]
+    assert best_candidate(gates) == "hone-v2-e1"
+    tie = {"hone-v3": {"candidate_successes": 2}, "hone-v3-e1": {"candidate_successes": 2}}
+    assert best_candidate(tie) == "hone-v3"  # the final epoch, gated first, wins ties

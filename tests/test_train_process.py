@@ -16,7 +16,7 @@ from tests.test_dpo import _real_pairs
 from tests.test_model import needs_gguf
 
 
-def _killed_by_the_kernel(events, model_dir, pairs, cfg, out_dir, parent, progress) -> None:
+def _killed_by_the_kernel(events, model_dir, pairs, cfg, out_dir, parent, progress, snapshots) -> None:
     events.put(("step", {"step": 1, "of": 9}))
     events.close()
     events.join_thread()  # flushed, as a step reported long before the kill would be (put is asynchronous)
@@ -35,10 +35,13 @@ def test_child_training_returns_the_result_progress_and_errors(tmp_path: Path) -
     model_dir = prepared_model()
     pairs = _real_pairs(model_dir)
     steps: list[dict] = []
-    cfg = TrainConfig(lr=1e-3, epochs=1, batch_size=1, lora_rank=4, lora_alpha=8, threads=2)
-    result = train_adapter_isolated(model_dir, pairs, cfg, tmp_path / "hone-v1", on_step=steps.append)
+    cfg = TrainConfig(lr=1e-3, epochs=2, batch_size=1, lora_rank=4, lora_alpha=8, threads=2)
+    result = train_adapter_isolated(model_dir, pairs, cfg, tmp_path / "hone-v1", on_step=steps.append,
+                                    snapshots={1: tmp_path / "hone-v1-e1"})
     assert result.path == tmp_path / "hone-v1" and (result.path / "adapter_model.safetensors").is_file()
-    assert [s["step"] for s in steps] == [1, 2] and result.counts["pairs_used"] == 2
+    assert [s["step"] for s in steps] == [1, 2, 3, 4] and result.counts["pairs_used"] == 2
+    [snapshot] = result.snapshots  # the earlier epoch's adapter comes back from the child too
+    assert snapshot.epoch == 1 and (snapshot.path / "adapter_model.safetensors").is_file()
     assert result.metrics["peak_rss_mb"] > 0  # the child's own peak, reported back
 
     with pytest.raises(TrainingError, match="max_length=10"):  # the trainer's own error, as raised in the child
