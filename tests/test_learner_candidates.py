@@ -15,25 +15,15 @@ import pytest
 
 from learner.gate import best_candidate
 
-from .integration_support import hone_server, prepared_model
-from .test_learner_integration import TASKS, hone, post_run
+from .test_learner_integration import TASKS, hone, learner_server, post_run
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("candidates-home")
-    gate_file = home / "gate-tasks.jsonl"
-    gate_file.write_text("".join(json.dumps(t) + "\n" for t in TASKS[-4:]))
-    env = {
-        "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0", "HONE_LEARNER_POLL_S": "1",
-        "HONE_DPO_EPOCHS": "2", "HONE_GATE_CANDIDATES": "2", "HONE_DPO_BATCH_SIZE": "2", "HONE_MAX_PAIRS": "4",
-        "HONE_PAIRS_PER_TASK": "2", "HONE_EXPLORE_BUDGET": "0", "HONE_GATE_TASKS": "4",
-        "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_MARGIN": "-1", "HONE_VAL_FRACTION": "0",
-        "HONE_DPO_LR": "1e-3", "HONE_MIN_PAIRS": "1",
-    }
-    with hone_server(home, prepared_model(), extra_env=env) as s:
+    with learner_server(tmp_path_factory, "candidates-home", dpo_epochs="2", gate_candidates="2",
+                        explore_budget="0") as s:
         yield s
 
 

@@ -31,20 +31,25 @@ TASKS = [json.loads(line) for line in (REPO / "bench" / "data" / "mawps-sample.j
 HONE = str(Path(sys.executable).parent / "hone")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("learner-home")
+def learner_server(tmp_path_factory: pytest.TempPathFactory, name: str, **settings: str):
+    """A `hone serve` with the learner on, only manual cycles, and tiny ones; `settings` override."""
+    home = tmp_path_factory.mktemp(name)
     gate_file = home / "gate-tasks.jsonl"
     gate_file.write_text("".join(json.dumps(t) + "\n" for t in TASKS[-4:]))
     env = {
-        # only manual cycles, and tiny ones
         "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0", "HONE_LEARNER_POLL_S": "1",
         "HONE_DPO_EPOCHS": "1", "HONE_DPO_BATCH_SIZE": "2", "HONE_MAX_PAIRS": "4", "HONE_PAIRS_PER_TASK": "2",
         "HONE_EXPLORE_BUDGET": "4", "HONE_EXPLORE_ATTEMPTS": "2", "HONE_GATE_TASKS": "4",
         "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_MARGIN": "-1", "HONE_VAL_FRACTION": "0",
         "HONE_DPO_LR": "1e-3", "HONE_MIN_PAIRS": "1",
+        **{f"HONE_{k.upper()}": v for k, v in settings.items()},
     }
-    with hone_server(home, prepared_model(), extra_env=env) as s:
+    return hone_server(home, prepared_model(), extra_env=env)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    with learner_server(tmp_path_factory, "learner-home") as s:
         yield s
 
 
