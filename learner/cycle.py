@@ -9,7 +9,8 @@ With gate_candidates > 1 the last epochs' adapters are all candidates; the gate 
 Reference model: the base model with the adapter disabled, never the promoted parent. The policy is
 warm-started from the parent, so each cycle improves on what serves, but the KL anchor stays the
 same model every cycle: drift cannot compound across cycles, and reference log-probs never go
-stale. The gate compares against the parent, so a cycle can still never make things worse.
+stale. The gate compares against the parent on the same tasks, so a cycle promotes only what did at
+least as well there (with gate_candidates > 1, the best of N: choosing it biases its margin upward).
 """
 
 from __future__ import annotations
@@ -118,9 +119,16 @@ class Cycle:
         if len(built.pairs) < s.min_pairs:
             return self.finish("skipped", error=f"{len(built.pairs)} preference pairs, fewer than min_pairs="
                                                 f"{s.min_pairs}")
+        gate_tasks = validation_tasks(groups)  # known before training: no point training what cannot be gated
+        if s.gate_tasks_file:
+            gate_tasks = gate_tasks + load_task_file(s.gate_tasks_file)
+        gate_tasks = gate_tasks[: s.gate_tasks]
+        if not gate_tasks:
+            return self.finish("skipped", error="no held-out tasks to gate on (no verifiable validation traffic "
+                                                "and no gate_tasks_file)")
 
         active, active_path = registry.active()
-        version = registry.new_version()
+        version = registry.new_version(s.adapters_dir)
         out_dir = adapter_path(s, version)
         # Earlier epochs' adapters are candidates too (gate_candidates): at fixed data, where training
         # should stop varied by cycle (docs/benchmarks.md), and the gate can tell.
@@ -144,29 +152,22 @@ class Cycle:
             registry.update_cycle(self.id, candidate=version)
 
         with self.phase("check"):
-            candidates = []
+            candidates, reasons = [], {}
             for name, r in trained.items():
                 reason = await check_candidate(self.runner.engine, name, r.path, max_rank=s.vllm_max_lora_rank)
                 if reason is None:
                     candidates.append(name)
                 else:
+                    reasons[name] = reason
                     registry.update_adapter(name, status="rejected", reason=reason)
             if not candidates:
-                return self.finish("rejected", error=f"candidate {version} rejected: {reason}")
+                return self.finish("rejected", error="; ".join(f"candidate {n} rejected: {r}" for n, r in reasons.items()))
 
         with self.phase("gate"):
-            tasks = validation_tasks(groups)
-            if s.gate_tasks_file:
-                tasks = tasks + load_task_file(s.gate_tasks_file)
-            tasks = tasks[: s.gate_tasks]
-            if not tasks:
-                reason = "no held-out tasks to gate on (no verifiable validation traffic and no gate_tasks_file)"
-                await self.reject_all(candidates, reason)
-                return self.finish("rejected", error=reason)
             model = str(s.model_path)
             known = (recorded_results(registry.list_cycles(limit=1000), active or "base", model)
                      if s.gate_reuse else {})
-            keys = {t.key for t in tasks}
+            keys = {t.key for t in gate_tasks}
             runs = len(keys) * len(candidates) + len(keys - set(known))
             done = [0]
 
@@ -174,7 +175,7 @@ class Cycle:
                 done[0] += 1
                 self.registry.update_cycle(self.id, progress={"runs": done[0], "of": runs})
 
-            gates = await run_gates(self.runner, tasks, candidates=candidates, current=active, cycle_id=self.id,
+            gates = await run_gates(self.runner, gate_tasks, candidates=candidates, current=active, cycle_id=self.id,
                                     margin=s.gate_margin, known_current=known, on_done=tick_gate)
             for name, g in gates.items():
                 g["model"] = model

@@ -201,6 +201,10 @@ def load_pools(cfg: LoopConfig) -> tuple[list[Task], list[Task], dict[str, tuple
     tasks whose question also occurs in the training pool (public datasets share problems) are
     dropped before the limit is applied: the held-out number must be about unseen questions."""
     train_pool = load_task_file(cfg.train_tasks)
+    multi_turn = [t.id for t in train_pool if t.turns]
+    if multi_turn:  # the learner re-runs and trains on stateless single-turn runs only (learner/tasks.py)
+        raise ExperimentError(f"{cfg.train_tasks}: the training pool must be single-turn tasks; multi-turn: "
+                              f"{', '.join(multi_turn[:5])}")
     if len(train_pool) <= cfg.gate_tasks:
         raise ExperimentError(f"{cfg.train_tasks} has {len(train_pool)} tasks; need more than gate_tasks={cfg.gate_tasks}")
     gate, train = train_pool[-cfg.gate_tasks:], train_pool[: -cfg.gate_tasks]
@@ -261,7 +265,8 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
                        "status": cycle["state"], "traffic": traffic, "traffic_s": round(traffic_s, 1),
                        "gate": cycle.get("gate"), "timings": cycle.get("timings"), "counts": cycle.get("counts"),
                        "error": cycle.get("error")}
-                if cycle.get("candidate") and cycle["state"] in ("promoted", "rejected"):
+                # A candidate rejected before its gate (vLLM could not load it) has nothing to evaluate.
+                if cycle.get("candidate") and cycle.get("gate") and cycle["state"] in ("promoted", "rejected"):
                     t0 = time.monotonic()
                     row["evals"] = asyncio.run(evaluate(store, url, cycle["candidate"], pools, cfg.concurrency))
                     row["eval_s"] = round(time.monotonic() - t0, 1)

@@ -181,9 +181,15 @@ class Registry:
 
     # ------------------------------------------------------------------ adapters
 
-    def new_version(self) -> str:
-        """hone-v<K+1> for the highest K so far; a cycle's epoch snapshots (hone-vK-e1) share its K."""
+    def new_version(self, adapters_dir: Path | None = None) -> str:
+        """hone-v<K+1> for the highest K so far; a cycle's epoch snapshots (hone-vK-e1) share its K.
+
+        Folders in `adapters_dir` count too: a training killed after saving an epoch's snapshot
+        leaves a folder with no row, and versions are never overwritten, so reusing its K would
+        fail every later cycle."""
         versions = [r["version"] for r in self._all("SELECT version FROM adapters", [])]
+        if adapters_dir is not None and Path(adapters_dir).is_dir():
+            versions += [p.name for p in Path(adapters_dir).iterdir()]
         numbers = [int(m.group(1)) for v in versions if (m := re.match(r"hone-v(\d+)", v))]
         return f"hone-v{max(numbers, default=0) + 1}"
 

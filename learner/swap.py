@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from runtime.engine import Engine
+from runtime.engine import Engine, EngineError
 
 from .registry import Registry, RegistryError
 
@@ -54,9 +54,12 @@ async def served_greedy(engine: Engine, model: str, prompt_ids: list[int], n: in
         raise SwapError(f"probe request to vLLM failed: {e!r}") from None
     if r.status_code != 200:
         raise SwapError(f"vLLM refused the probe for {model!r}: {r.status_code} {r.text[:300]}")
-    lp = r.json()["choices"][0]["logprobs"]
-    tokens = [int(t.removeprefix("token_id:")) for t in lp["tokens"]]
-    return tokens, [float(x) for x in lp["token_logprobs"]]
+    try:
+        lp = r.json()["choices"][0]["logprobs"]
+        return ([int(t.removeprefix("token_id:")) for t in lp["tokens"]],
+                [float(x) for x in lp["token_logprobs"]])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise SwapError(f"vLLM's probe answer for {model!r} has no usable log-probs ({e!r}): {r.text[:300]}") from None
 
 
 def _mean_abs(a: list[float], b: list[float]) -> float:
@@ -99,7 +102,10 @@ async def promote(engine: Engine, registry: Registry, version: str, *, tolerance
     row = registry.get_adapter(version)
     if row is None:
         raise SwapError(f"no adapter {version!r} in the registry")
-    await engine.load_adapter(version, row["path"])
+    try:
+        await engine.load_adapter(version, row["path"])
+    except (EngineError, httpx.HTTPError) as e:
+        raise SwapError(f"vLLM could not load {version}: {e!r}") from None
     result = await verify(engine, version, row["path"], tolerance=tolerance)
     if not result["ok"]:
         raise SwapError(f"vLLM does not serve the trained {version}: {result}")
@@ -127,8 +133,13 @@ async def unload_extras(engine: Engine, registry: Registry, *, keep: int, min_id
     now = time.time()
     idle = {a["version"] for a in registry.list_adapters(limit=10_000)
             if now - (a.get("retired_at") or a.get("promoted_at") or a.get("created_at") or 0) >= min_idle_s}
+    try:
+        served = await engine.served_models()
+    except (EngineError, httpx.HTTPError, ValueError, KeyError) as e:  # after a promotion: it stands
+        log.warning("could not list vLLM's adapters, none unloaded: %r", e)
+        return []
     unloaded = []
-    for name in await engine.served_models():
+    for name in served:
         if name in idle and name not in wanted:
             try:
                 await engine.unload_adapter(name)

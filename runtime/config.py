@@ -166,6 +166,8 @@ class Settings:
             except tomllib.TOMLDecodeError as e:
                 raise ConfigError(f"{toml_path}: invalid TOML: {e}") from None
             data = data.get("hone", data)  # allow either a [hone] table or top-level keys
+            if "home" in data:  # the file may live in a home; and `hone bench loop` must keep its own
+                raise ConfigError(f"{toml_path}: 'home' cannot be set in a config file; set HONE_HOME")
             for k, v in data.items():
                 raw[k] = (v, f"{toml_path} key {k!r}")
         for f in dataclasses.fields(cls):

@@ -74,6 +74,11 @@ def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
         load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=10))
     with pytest.raises(ExperimentError, match="also occurs in the training pool"):
         load_pools(LoopConfig(train_tasks=train, heldout=train, suites=(), gate_tasks=4))
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text(train.read_text() + json.dumps({"id": "m1", "turns": [{"content": "save 3"}, {
+        "content": "what did I save?", "new_thread": True}], "answer": 3}) + "\n")
+    with pytest.raises(ExperimentError, match="must be single-turn tasks; multi-turn: m1"):
+        load_pools(LoopConfig(train_tasks=multi, heldout=held, suites=(), gate_tasks=4))
 
 
 def test_cli_refuses_bad_settings_and_missing_files(tmp_path: Path) -> None:

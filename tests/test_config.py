@@ -51,6 +51,15 @@ def test_unknown_toml_key_and_bad_toml(tmp_path: Path) -> None:
         Settings.load(env={"HONE_HOME": str(tmp_path)})
 
 
+def test_home_cannot_come_from_a_config_file(tmp_path: Path) -> None:
+    """Else HONE_CONFIG with `home = ...` would send `hone bench loop`'s fresh home, or a test's,
+    to the user's real data directory."""
+    cfg = tmp_path / "x.toml"
+    cfg.write_text(f'home = "{tmp_path / "elsewhere"}"\n')
+    with pytest.raises(ConfigError, match="'home' cannot be set in a config file; set HONE_HOME"):
+        Settings.load(env={"HONE_HOME": str(tmp_path / "a"), "HONE_CONFIG": str(cfg)})
+
+
 def test_every_setting_is_documented() -> None:
     doc = (REPO / "docs" / "configuration.md").read_text()
     missing = [f.name for f in dataclasses.fields(Settings) if f"`{f.name}`" not in doc]

@@ -279,6 +279,17 @@ def test_new_version_counts_adapters(reg: Registry, tmp_path: Path) -> None:
     assert reg.new_version() == "hone-v4"
 
 
+def test_new_version_skips_folders_without_rows(reg: Registry, tmp_path: Path) -> None:
+    """A training killed after saving epoch 1's snapshot leaves hone-v1-e1 on disk with no row:
+    the next cycle must not pick hone-v1 again (it would refuse to overwrite, every cycle)."""
+    adapters = tmp_path / "adapters"
+    (adapters / "hone-v1-e1").mkdir(parents=True)
+    (adapters / "notes").mkdir()
+    assert reg.new_version() == "hone-v1"  # without the folder, only rows count
+    assert reg.new_version(adapters) == "hone-v2"
+    assert reg.new_version(tmp_path / "missing") == "hone-v1"
+
+
 def test_add_get_update_adapter(reg: Registry, tmp_path: Path) -> None:
     path = add(reg, tmp_path, "hone-v1")
     a = reg.get_adapter("hone-v1")
@@ -421,3 +432,39 @@ def test_unload_extras_keeps_the_rollback_chain_and_anything_that_may_still_serv
     assert unloaded == engine.unloaded == ["hone-v1"]  # never 'other' (not ours) or the base
     engine2 = Engine()
     assert asyncio.run(unload_extras(engine2, reg, keep=2, min_idle_s=0)) == ["hone-v1", "hone-v2"]
+
+
+def test_a_promotion_stands_when_listing_vllms_adapters_fails(reg: Registry, tmp_path: Path) -> None:
+    """unload_extras runs after the registry switched: an error there must not turn a promoted
+    cycle into a failed one (the adapter serves either way)."""
+    import asyncio
+
+    import httpx
+
+    from learner.swap import unload_extras
+
+    class Engine:
+        async def served_models(self) -> list[str]:
+            raise httpx.ReadTimeout("vLLM is busy")
+
+    reg.add_adapter("hone-v1", tmp_path / "hone-v1", parent=None, cycle_id=None, train={})
+    reg.promote("hone-v1")
+    assert asyncio.run(unload_extras(Engine(), reg, keep=1, min_idle_s=0)) == []
+
+
+def test_promote_turns_a_refused_load_into_a_swap_error(reg: Registry, tmp_path: Path) -> None:
+    """What the cycle handles as a rejection (SwapError), not a crash that leaves the adapter a
+    'candidate' forever; nothing switches."""
+    import asyncio
+
+    from learner.swap import SwapError, promote
+    from runtime.engine import EngineError
+
+    class Engine:
+        async def load_adapter(self, name: str, path) -> None:
+            raise EngineError(f"vLLM refused to load adapter {name!r}: 400 bad rank")
+
+    reg.add_adapter("hone-v1", tmp_path / "hone-v1", parent=None, cycle_id=None, train={})
+    with pytest.raises(SwapError, match="could not load hone-v1.*bad rank"):
+        asyncio.run(promote(Engine(), reg, "hone-v1", tolerance=0.1, keep=2))
+    assert reg.active() == (None, None)
