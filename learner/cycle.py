@@ -116,8 +116,11 @@ class Cycle:
             self.counts["pair_tasks"] = len({p.group for p in built.pairs})
             self.counts["excluded"] = built.excluded
             self.counts["drift_excluded"] = built.excluded.get("drift", 0)
-        if len(built.pairs) < s.min_pairs:
-            return self.finish("skipped", error=f"{len(built.pairs)} preference pairs, fewer than min_pairs="
+        fitting = sum(max(len(p.chosen.ids), len(p.rejected.ids)) <= s.dpo_max_length for p in built.pairs)
+        if fitting < s.min_pairs:  # the trainer drops longer pairs; with too few left it would fail
+            too_long = f" ({len(built.pairs) - fitting} longer than dpo_max_length={s.dpo_max_length})" \
+                if fitting < len(built.pairs) else ""
+            return self.finish("skipped", error=f"{fitting} preference pairs{too_long}, fewer than min_pairs="
                                                 f"{s.min_pairs}")
         gate_tasks = validation_tasks(groups)  # known before training: no point training what cannot be gated
         if s.gate_tasks_file:

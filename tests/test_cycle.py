@@ -16,12 +16,29 @@ def test_a_cycle_with_nothing_to_gate_on_is_skipped_before_training(tmp_path: Pa
     """No verifiable validation traffic and no gate_tasks_file: the candidate could never be gated,
     so it must not cost a training (minutes on CPU) only to be rejected."""
     settings = Settings.load(env={"HONE_HOME": str(tmp_path), "HONE_VAL_FRACTION": "0", "HONE_MIN_PAIRS": "1"})
+    cycle = run_cycle(settings, monkeypatch, pairs=[pair("t1", 100), pair("t2", 100)])
+    assert cycle["error"].startswith("no held-out tasks to gate on") and cycle["counts"]["pairs"] == 2
+
+
+def test_a_cycle_whose_pairs_are_all_too_long_is_skipped_before_training(tmp_path: Path, monkeypatch) -> None:
+    """The trainer drops pairs longer than dpo_max_length; with none left it would fail the cycle."""
+    settings = Settings.load(env={"HONE_HOME": str(tmp_path), "HONE_MIN_PAIRS": "2", "HONE_DPO_MAX_LENGTH": "512"})
+    cycle = run_cycle(settings, monkeypatch, pairs=[pair("t1", 100), pair("t2", 600), pair("t3", 513)])
+    assert cycle["error"] == "1 preference pairs (2 longer than dpo_max_length=512), fewer than min_pairs=2"
+
+
+def pair(group: str, length: int) -> SimpleNamespace:
+    return SimpleNamespace(group=group, chosen=SimpleNamespace(ids=[1] * length), rejected=SimpleNamespace(ids=[1] * 50))
+
+
+def run_cycle(settings: Settings, monkeypatch, *, pairs: list[SimpleNamespace]) -> dict:
+    """Runs a cycle that must end skipped before it trains; returns its record."""
     settings.ensure_dirs()
-    pairs = SimpleNamespace(pairs=[SimpleNamespace(group="t1"), SimpleNamespace(group="t2")], excluded={})
-    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: pairs)
+    built = SimpleNamespace(pairs=pairs, excluded={})
+    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: built)
 
     def no_training(*a, **k):
-        raise AssertionError("trained a candidate that nothing can gate")
+        raise AssertionError("trained a candidate that this cycle cannot use")
 
     monkeypatch.setattr("learner.train_process.train_adapter_isolated", no_training)
     reg = Registry(settings.db_path)
@@ -29,7 +46,7 @@ def test_a_cycle_with_nothing_to_gate_on_is_skipped_before_training(tmp_path: Pa
         cid = reg.start_cycle("manual")
         assert asyncio.run(Cycle(settings, reg, runner=None, cycle_id=cid).run()) == "skipped"
         cycle = reg.get_cycle(cid)
-        assert cycle["error"].startswith("no held-out tasks to gate on") and cycle["counts"]["pairs"] == 2
-        assert "train" not in cycle["timings"] and list(settings.adapters_dir.iterdir()) == []
     finally:
         reg.close()
+    assert "train" not in cycle["timings"] and list(settings.adapters_dir.iterdir()) == []
+    return cycle
