@@ -116,7 +116,7 @@ class Cycle:
             self.counts["pair_tasks"] = len({p.group for p in built.pairs})
             self.counts["excluded"] = built.excluded
             self.counts["drift_excluded"] = built.excluded.get("drift", 0)
-        fitting = sum(max(len(p.chosen.ids), len(p.rejected.ids)) <= s.dpo_max_length for p in built.pairs)
+        fitting = sum(p.fits(s.dpo_max_length) for p in built.pairs)
         if fitting < s.min_pairs:  # the trainer drops longer pairs; with too few left it would fail
             too_long = f" ({len(built.pairs) - fitting} longer than dpo_max_length={s.dpo_max_length})" \
                 if fitting < len(built.pairs) else ""

@@ -135,7 +135,7 @@ def train_adapter(
     device = resolve_device(cfg.device)
     bf16 = _use_bf16(cfg, device)
 
-    usable = [p for p in pairs if max(len(p.chosen.ids), len(p.rejected.ids)) <= cfg.max_length]
+    usable = [p for p in pairs if p.fits(cfg.max_length)]
     counts: dict[str, Any] = {"pairs_in": len(pairs), "pairs_used": len(usable),
                               "skipped_too_long": len(pairs) - len(usable),
                               "generated_tokens": sum(p.chosen.n_generated + p.rejected.n_generated for p in usable),

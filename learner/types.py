@@ -38,3 +38,7 @@ class Pair:
     chosen: TokenSequence
     rejected: TokenSequence
     group: str = ""  # the task key both attempts share
+
+    def fits(self, max_length: int) -> bool:
+        """Whether the trainer uses this pair: both sequences within max_length tokens."""
+        return max(len(self.chosen.ids), len(self.rejected.ids)) <= max_length

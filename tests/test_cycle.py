@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 from learner.cycle import Cycle
 from learner.registry import Registry
+from learner.types import Pair, TokenSequence
 from runtime.config import Settings
 
 
@@ -27,11 +28,11 @@ def test_a_cycle_whose_pairs_are_all_too_long_is_skipped_before_training(tmp_pat
     assert cycle["error"] == "1 preference pairs (2 longer than dpo_max_length=512), fewer than min_pairs=2"
 
 
-def pair(group: str, length: int) -> SimpleNamespace:
-    return SimpleNamespace(group=group, chosen=SimpleNamespace(ids=[1] * length), rejected=SimpleNamespace(ids=[1] * 50))
+def pair(group: str, length: int) -> Pair:
+    return Pair(TokenSequence((1,) * length, (0,) + (1,) * (length - 1)), TokenSequence((1,) * 50, (0,) + (1,) * 49), group)
 
 
-def run_cycle(settings: Settings, monkeypatch, *, pairs: list[SimpleNamespace]) -> dict:
+def run_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> dict:
     """Runs a cycle that must end skipped before it trains; returns its record."""
     settings.ensure_dirs()
     built = SimpleNamespace(pairs=pairs, excluded={})
