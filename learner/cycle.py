@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -142,11 +143,17 @@ class Cycle:
 
             model_dir = await asyncio.to_thread(ensure_model, s, progress=self.say)
             parent_dir = active_path if active else None
-            result = await asyncio.to_thread(
-                train_adapter_isolated, model_dir, built.pairs, train_config(s), out_dir,
-                parent_adapter=parent_dir, progress=self.progress,
-                on_step=lambda step: registry.update_cycle(self.id, progress=step), snapshots=snapshots,
-            )
+            stop = threading.Event()
+            try:
+                result = await asyncio.to_thread(
+                    train_adapter_isolated, model_dir, built.pairs, train_config(s), out_dir,
+                    parent_adapter=parent_dir, progress=self.progress,
+                    on_step=lambda step: registry.update_cycle(self.id, progress=step), snapshots=snapshots,
+                    stop=stop,
+                )
+            except asyncio.CancelledError:  # the learner is stopping: so is its training, now, not when done
+                stop.set()
+                raise
             trained = {version: result, **{f"{version}-e{r.epoch}": r for r in reversed(result.snapshots)}}
             for name, r in trained.items():  # the final adapter first: it wins ties at the gate
                 registry.add_adapter(name, r.path, parent=active, cycle_id=self.id,

@@ -63,7 +63,7 @@ def learner_cmd(vllm_url: str | None) -> None:
 
     `hone serve` starts it by default (learner_enabled); run it yourself when serving with
     HONE_LEARNER_ENABLED=false or on another schedule. Stop with Ctrl-C or SIGTERM: a cycle cut off
-    this way is recorded as failed."""
+    this way is recorded as failed, and its training process is stopped with it."""
     from learner.worker import learner_loop
 
     settings = _settings()

@@ -4,11 +4,14 @@ real-parts cycle, from traffic to swap, is in tests/test_learner_integration.py)
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 from learner.cycle import Cycle
 from learner.registry import Registry
+from learner.train import TrainingError
 from learner.types import Pair, TokenSequence
 from runtime.config import Settings
 
@@ -51,3 +54,38 @@ def run_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> dict:
         reg.close()
     assert "train" not in cycle["timings"] and list(settings.adapters_dir.iterdir()) == []
     return cycle
+
+
+def test_cancelling_a_cycle_mid_training_stops_the_training(tmp_path: Path, monkeypatch) -> None:
+    """A learner told to stop must not sit in its shutdown until a minutes-long training ends."""
+    gate_file = tmp_path / "gate.jsonl"
+    gate_file.write_text('{"id": "g1", "question": "1+1?", "answer": 2}\n')
+    settings = Settings.load(env={"HONE_HOME": str(tmp_path / "home"), "HONE_MIN_PAIRS": "1",
+                                  "HONE_GATE_TASKS_FILE": str(gate_file)})
+    settings.ensure_dirs()
+    built = SimpleNamespace(pairs=[pair("t1", 100)], excluded={})
+    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: built)
+    monkeypatch.setattr("learner.cycle.ensure_model", lambda *a, **k: "model")
+    training, stopped = threading.Event(), threading.Event()
+
+    def trains_until_stopped(*a, stop, **k):
+        training.set()
+        if stop.wait(timeout=30):
+            stopped.set()
+        raise TrainingError("stopped")
+
+    monkeypatch.setattr("learner.train_process.train_adapter_isolated", trains_until_stopped)
+
+    async def cancel_mid_training(cycle: Cycle) -> None:
+        task = asyncio.create_task(cycle.run())
+        await asyncio.to_thread(training.wait, 30)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    reg = Registry(settings.db_path)
+    try:
+        asyncio.run(cancel_mid_training(Cycle(settings, reg, runner=None, cycle_id=reg.start_cycle("manual"))))
+    finally:
+        reg.close()
+    assert training.is_set() and stopped.is_set()
