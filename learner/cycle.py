@@ -175,7 +175,7 @@ class Cycle:
 
         with self.phase("gate"):
             model = str(s.model_path)
-            known = (recorded_results(registry.list_cycles(limit=1000), active or "base", model)
+            known = (recorded_results(registry.list_cycles(limit=1000), active or "base", model, gate_tasks)
                      if s.gate_reuse else {})
             keys = {t.key for t in gate_tasks}
             runs = len(keys) * len(candidates) + len(keys - set(known))

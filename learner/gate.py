@@ -6,8 +6,8 @@ from the held-out split of logged traffic plus an optional task file (`gate_task
 
 What serves now was measured on these tasks before: as the candidate of the gate that promoted it
 (or, for the base model, as the current side of an earlier gate). Its per-task results are kept in
-the cycle records and reused (`gate_reuse`), so a gate runs only the candidate and any task the
-current side has not run yet: half the cost, which buys a gate big enough to decide (a 48-task gate
+the cycle records, with each task's fingerprint, and reused (`gate_reuse`) while the task is
+unchanged, so a gate runs only the candidate and any task the current side has not run yet: half the cost, which buys a gate big enough to decide (a 48-task gate
 rejected a candidate that a 200-task pool of the same distribution rated better; docs/benchmarks.md).
 """
 
@@ -21,7 +21,7 @@ from runtime.evals import paired
 
 from .probe import check_adapter_files
 from .runner import AgentRunner
-from .tasks import Task
+from .tasks import Task, fingerprint
 
 
 async def check_candidate(engine: Engine, version: str, path: str | Path, *, max_rank: int | None = None) -> str | None:
@@ -66,7 +66,7 @@ async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, cu
         "candidate_successes": cand_successes, "current_successes": cur_successes,
         "current_reused": len(known), "fixed": diff["fixed"], "broken": diff["broken"], "p_value": diff["p_value"],
         "promote": cand_successes / n >= cur_successes / n + margin,
-        "results": results,
+        "results": results, "fingerprints": {t.key: fingerprint(t) for t in tasks},
     }
 
 
@@ -89,16 +89,21 @@ def best_candidate(gates: dict[str, dict[str, Any]]) -> str:
     return max(gates, key=lambda name: (gates[name]["candidate_successes"], -list(gates).index(name)))
 
 
-def recorded_results(cycles: list[dict[str, Any]], version: str, model: str) -> dict[str, bool]:
-    """Per-task gate results of `version` ("base" for no adapter) on `model`, from cycle records
-    (newest first; the newest result of a task wins)."""
+def recorded_results(cycles: list[dict[str, Any]], version: str, model: str, tasks: list[Task]) -> dict[str, bool]:
+    """Per-task gate results of `version` ("base" for no adapter) on `model` for `tasks`, from cycle
+    records (newest first; the newest result of a task wins). A result counts only if it was recorded
+    for the same task, not merely the same key: same question(s), expected answer and check (records
+    without fingerprints, from before they were kept, do not count)."""
+    want = {t.key: fingerprint(t) for t in tasks}
     out: dict[str, bool] = {}
     for c in cycles:
         gate = c.get("gate") or {}
         if gate.get("model") != model or "results" not in gate:
             continue
+        prints = gate.get("fingerprints") or {}
         for side in ("candidate", "current"):
             if gate.get(side) == version:
                 for key, ok in gate["results"].get(side, {}).items():
-                    out.setdefault(key, bool(ok))
+                    if key in want and prints.get(key) == want[key]:
+                        out.setdefault(key, bool(ok))
     return out

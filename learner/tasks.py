@@ -57,6 +57,14 @@ class Task:
         return {**meta, **extra}
 
 
+def fingerprint(task: Task) -> str:
+    """What the agent is asked and how the reply is checked, hashed. A gate result recorded under a
+    task's key is reused only while this is unchanged: a task file edited under the same ids holds
+    new tasks."""
+    body = [list(task.messages), [[t.content, t.new_thread] for t in task.turns], task.expected, task.check]
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def task_key(row: dict[str, Any]) -> str:
     return str(row["task_id"]) if row.get("task_id") else f"req:{row['request_key']}"
 

@@ -75,6 +75,7 @@ def test_the_gate_compares_both_sides_task_by_task_and_promotes_on_the_margin() 
 def test_the_gate_reuses_the_current_sides_recorded_results_and_runs_only_what_is_missing() -> None:
     from learner.gate import recorded_results, run_gate
     from learner.runner import Attempt
+    from learner.tasks import fingerprint
 
     tasks = [Task(f"file:q{i}", ({"role": "user", "content": f"q{i}"},), i, "numeric") for i in range(4)]
     ran: list[tuple[str, str]] = []
@@ -85,18 +86,27 @@ def test_the_gate_reuses_the_current_sides_recorded_results_and_runs_only_what_i
             return [Attempt(j["task"], None, "ok", "", j["adapter"] == "hone-v2", 2) for j in jobs]
 
     # hone-v1 serves; it was measured as cycle 1's candidate on q0-q2 (and as nothing on another model)
+    prints = {t.key: fingerprint(t) for t in tasks}
     cycles = [
         {"gate": {"model": "/m/other", "candidate": "hone-v1", "current": "base",
-                  "results": {"candidate": {"file:q3": True}, "current": {}}}},
+                  "results": {"candidate": {"file:q3": True}, "current": {}}, "fingerprints": prints}},
         {"gate": {"model": "/m/smol", "candidate": "hone-v1", "current": "base",
                   "results": {"candidate": {"file:q0": True, "file:q1": False, "file:q2": True},
-                              "current": {"file:q0": False}}}},
+                              "current": {"file:q0": False}}, "fingerprints": prints}},
     ]
-    known = recorded_results(cycles, "hone-v1", "/m/smol")
+    known = recorded_results(cycles, "hone-v1", "/m/smol", tasks)
     assert known == {"file:q0": True, "file:q1": False, "file:q2": True}
-    assert recorded_results(cycles, "base", "/m/smol") == {"file:q0": False}
+    assert recorded_results(cycles, "base", "/m/smol", tasks) == {"file:q0": False}
+    # the task file was edited under the same ids: q1's question and q2's answer changed, so their
+    # recorded results are about other tasks
+    edited = [tasks[0], Task("file:q1", ({"role": "user", "content": "q1, reworded"},), 1, "numeric"),
+              Task("file:q2", tasks[2].messages, 20, "numeric"), tasks[3]]
+    assert recorded_results(cycles, "hone-v1", "/m/smol", edited) == {"file:q0": True}
+    unprinted = [{"gate": {k: v for k, v in c["gate"].items() if k != "fingerprints"}} for c in cycles]
+    assert recorded_results(unprinted, "hone-v1", "/m/smol", tasks) == {}  # recorded before fingerprints
     gate = asyncio.run(run_gate(Runner(), tasks + tasks[:1], candidate="hone-v2", current="hone-v1", cycle_id=2,
                                 margin=0.0, known_current=known))
+    assert gate["fingerprints"] == prints  # recorded with the results, for the next gate's reuse
     assert sorted(ran) == [("candidate", f"file:q{i}") for i in range(4)] + [("current", "file:q3")]
     assert gate["n_tasks"] == 4 and gate["current_reused"] == 3
     assert (gate["candidate_successes"], gate["current_successes"]) == (4, 2)
