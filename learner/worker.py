@@ -86,8 +86,13 @@ async def run_cycle(settings: Settings, registry: Registry, runner: AgentRunner,
             try:
                 await cycle.run()
             except BaseException as e:  # incl. cancellation: the row must not stay 'running'
-                log.exception("cycle %s failed", cycle_id)
-                cycle.finish("failed", error=f"{type(e).__name__}: {e}"[:2000])
+                if isinstance(e, asyncio.CancelledError):  # SIGTERM or Ctrl-C reached the learner
+                    phase = (registry.get_cycle(cycle_id) or {}).get("phase")
+                    log.warning("cycle %s stopped during phase %r: the learner is shutting down", cycle_id, phase)
+                    cycle.finish("failed", error=f"stopped during phase {phase!r}: the learner was shut down")
+                else:
+                    log.exception("cycle %s failed", cycle_id)
+                    cycle.finish("failed", error=f"{type(e).__name__}: {e}"[:2000])
                 if not isinstance(e, Exception):
                     raise
     finally:

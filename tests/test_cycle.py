@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+from learner import worker
 from learner.cycle import Cycle
 from learner.registry import Registry
 from learner.train import TrainingError
@@ -76,8 +77,8 @@ def test_cancelling_a_cycle_mid_training_stops_the_training(tmp_path: Path, monk
 
     monkeypatch.setattr("learner.train_process.train_adapter_isolated", trains_until_stopped)
 
-    async def cancel_mid_training(cycle: Cycle) -> None:
-        task = asyncio.create_task(cycle.run())
+    async def cancel_mid_training(reg: Registry) -> None:
+        task = asyncio.create_task(worker.run_cycle(settings, reg, runner=None, trigger="manual"))
         await asyncio.to_thread(training.wait, 30)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -85,7 +86,9 @@ def test_cancelling_a_cycle_mid_training_stops_the_training(tmp_path: Path, monk
 
     reg = Registry(settings.db_path)
     try:
-        asyncio.run(cancel_mid_training(Cycle(settings, reg, runner=None, cycle_id=reg.start_cycle("manual"))))
+        asyncio.run(cancel_mid_training(reg))
+        cycle = reg.list_cycles(limit=1)[0]
     finally:
         reg.close()
     assert training.is_set() and stopped.is_set()
+    assert cycle["state"] == "failed" and cycle["error"] == "stopped during phase 'train': the learner was shut down"

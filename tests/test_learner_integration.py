@@ -188,7 +188,11 @@ def test_hot_swap_under_16_way_load_fails_nothing(server) -> None:
             await engine.stop()
 
     try:
-        time.sleep(15)
+        # swap only once the base model has answered under load (a fixed sleep was too short on a busy 2-core box)
+        deadline = time.time() + 300
+        while not any(r[2] == 200 for r in results) and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
         t_swap = time.time()
         verified = asyncio.run(swap())
         t_done = time.time()
@@ -309,6 +313,57 @@ def test_learner_crash_leaves_serving_up_and_the_cycle_is_marked_failed(server) 
         time.sleep(1)
     assert c["state"] == "failed" and "died" in c["error"], c
     assert info["restarts"] >= 1 and info["pid"] != pid
+
+
+def _children(pid: int) -> dict[int, str]:
+    """Live child processes of `pid` and their command lines, from /proc."""
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                out[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue  # exited while we looked
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_sigterm_to_the_learner_mid_training_stops_the_trainer_and_records_why(server) -> None:
+    """`hone learner` told to stop while a real training child runs: the child dies with it, no
+    half-saved adapter stays behind, the cycle says why it failed, and serving never notices."""
+    r = httpx.post(server.url + "/v1/learner/cycles", timeout=30)
+    assert r.status_code == 202, r.text
+    cycle_id, pid = r.json()["cycle"]["id"], r.json()["learner"]["pid"]
+    trainer, deadline = None, time.time() + 600
+    while trainer is None and time.time() < deadline:
+        c = httpx.get(f"{server.url}/v1/learner/cycles/{cycle_id}", timeout=30).json()
+        assert c["state"] in ("requested", "running"), c  # it must still be training when we look
+        if c.get("phase") == "train":
+            trainer = next((p for p, cmd in _children(pid).items() if "spawn_main" in cmd), None)
+        time.sleep(0.1)
+    assert trainer is not None, c
+
+    os.kill(pid, signal.SIGTERM)  # the learner alone, not its process group: it must stop the child itself
+    deadline = time.time() + 60
+    while (_alive(pid) or _alive(trainer)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(trainer) and not _alive(pid)
+    c = httpx.get(f"{server.url}/v1/learner/cycles/{cycle_id}", timeout=30).json()
+    assert c["state"] == "failed" and "stopped during phase 'train'" in c["error"], c
+    assert [p.name for p in (server.home / "adapters").iterdir() if ".tmp-" in p.name] == []
+    post_run(server, input="What is 8 + 9?")  # answered while the learner was down
+    deadline = time.time() + 120
+    while cycles(server)["learner"]["pid"] in (None, pid) and time.time() < deadline:  # restarted by the server
+        time.sleep(1)
+    assert cycles(server)["learner"]["pid"] not in (None, pid)
+    assert "hone: learner stopped" in (server.home / "logs" / "learner.log").read_text(errors="replace")
 
 
 def test_rollback_restores_the_previous_adapter_in_one_call(server) -> None:
