@@ -40,21 +40,13 @@ from .tasks import Task, load_task_file
 
 REPO = Path(__file__).resolve().parent.parent
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
-# The experiment's learner settings, under the user's HONE_* variables and --set. Run 11 (32 pairs,
-# 48 tasks and 192 rollouts per cycle) took 51 min on 2 CPU cores, ~9 of it training per cycle;
-# training a batch's pairs in one forward (learner/dpo.py rows_logps) halved that, and the time went
-# to data: two runs with identical settings ended 14.5 points apart on 200 held-out tasks, and a
-# cycle that trains on only its own ~30 newest pairs is at the mercy of which rollouts it drew.
-# 64 pairs per cycle replays the parent's newest pairs next to the fresh ones. Runs 12-13: 69, 62 min.
-# Nothing is served while a cycle trains here, so training gets every core. Exploration is cheap
-# next to training (192 rollouts ~2.5 min) and pairs are what the model lacks; the NLL term on
-# chosen trajectories is Iterative RPO's (Pang et al. 2024), which found DPO alone barely moves
-# self-generated math pairs. Agent runs (exploration, gate) go 16 at a time: vLLM's batches keep
-# 2 cores busier than 8 did (~1.6x the runs per second).
-# One pair per task: on the same logged data, 4 per task let a few tasks' operator dominate (the
-# candidate wrote "-" in 40 of 48 gate runs), 1 per task did better on every pool (bench/sweep.py).
-LOOP_DEFAULTS = {"HONE_MAX_PAIRS": "64", "HONE_EXPLORE_BUDGET": "256", "HONE_DPO_LR": "1e-4",
-                 "HONE_DPO_NLL_WEIGHT": "1.0", "HONE_EXPLORE_CONCURRENCY": "16", "HONE_PAIRS_PER_TASK": "1"}
+# The experiment measures hone's own learner defaults (runtime/config.py), under the user's HONE_*
+# variables and --set. Until 2026-12-05 it set its own (64 pairs, 256 rollouts, lr 1e-4, the NLL term,
+# one pair per task); those moved the number in runs 10-15 and are the product's defaults now.
+# One setting stays the experiment's: nothing is served while a cycle runs here, so agent runs
+# (exploration, gate) go 16 at a time, where vLLM's batches keep 2 cores ~1.6x busier than 8 did.
+# Training gets every core for the same reason (HONE_LEARNER_THREADS below).
+LOOP_DEFAULTS = {"HONE_EXPLORE_CONCURRENCY": "16"}
 
 
 class ExperimentError(RuntimeError):

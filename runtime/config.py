@@ -72,20 +72,20 @@ class Settings:
     learner_threads: int = 0  # torch threads for training; 0 = half the cores (serving keeps the rest)
     # Learner: data
     val_fraction: float = 0.2  # share of tasks held out for the gate, never trained on
-    pairs_per_task: int = 4
+    pairs_per_task: int = 1  # more let a few tasks' habits dominate a cycle (docs/benchmarks.md)
     max_pairs: int = 64  # newest pairs trained per cycle
     min_pairs: int = 2  # fewer: the cycle is skipped
     explore_attempts: int = 4  # sampled re-runs of a task that lacks contrast
-    explore_budget: int = 48  # rollouts per cycle
+    explore_budget: int = 256  # rollouts per cycle: most of a cycle's pairs come from exploration
     explore_temperature: float = 0.7
     explore_concurrency: int = 8
     # Learner: DPO and LoRA
     dpo_beta: float = 0.1
-    dpo_lr: float = 5e-5
+    dpo_lr: float = 1e-4
     dpo_epochs: int = 2
     dpo_batch_size: int = 4
     dpo_max_length: int = 2048
-    dpo_nll_weight: float = 0.0
+    dpo_nll_weight: float = 1.0  # RPO's NLL on the chosen run: DPO alone barely moved self-generated pairs
     dpo_autocast: str = "auto"  # auto (bf16 where the CPU has native bf16) | bf16 | fp32
     dpo_device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     dpo_gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
