@@ -36,7 +36,7 @@ def bench_cmd() -> None:
 @click.option("--model", help="prepared model directory to serve (HONE_MODEL); default: the embedded SmolLM2")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="results folder (default bench/results/loop)")
 @click.option("--set", "settings", multiple=True, metavar="HONE_X=V",
-              help="a server/learner setting for this experiment, e.g. --set HONE_DPO_LR=1e-4")
+              help="a server/learner setting for this experiment, e.g. --set HONE_DPO_EPOCHS=3")
 def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_cycle: int, gate_tasks: int, heldout: Path | None,
              heldout_limit: int, suites: tuple[Path, ...], suite_limit: int, concurrency: int, model: str | None,
              out: Path | None, settings: tuple[str, ...]) -> None:
