@@ -25,12 +25,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from runtime.config import ConfigError, Settings
 from runtime.engine import free_port
 from runtime.evals import EvalOptions, EvalStore, run_eval
 
@@ -213,6 +214,26 @@ def load_pools(cfg: LoopConfig) -> tuple[list[Task], list[Task], dict[str, tuple
     return train, gate, pools
 
 
+LEARNER_SETTING_PREFIXES = ("learner_", "val_", "pairs_", "max_pairs", "min_pairs", "explore_", "dpo_", "lora_",
+                            "train_", "gate_", "swap_", "keep_")
+# The experiment's server is its own: on loopback, without tokens (its requests carry none). A user's
+# exported HONE_ADMIN_TOKEN or HONE_HOST for a production server must not leak into it or its results.
+NOT_INHERITED = ("HONE_HOME", "HONE_PORT", "HONE_HOST", "HONE_ADMIN_TOKEN", "HONE_API_TOKENS")
+
+
+def learner_settings(env: dict[str, str], home: Path) -> dict[str, str]:
+    """The learner settings the experiment's server will run with, defaults included: the defaults
+    change between versions, so a result records what it measured, not only what it overrode."""
+    try:
+        s = Settings.load({**env, "HONE_HOME": str(home)})
+    except ConfigError as e:
+        raise ExperimentError(f"bad setting: {e}") from None
+    if s.auth_enabled:
+        raise ExperimentError("the experiment's server takes no tokens (it listens on loopback only): "
+                              "remove admin_token / api_tokens from --set or HONE_CONFIG")
+    return {f.name: str(getattr(s, f.name)) for f in fields(s) if f.name.startswith(LEARNER_SETTING_PREFIXES)}
+
+
 def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     from .report import write_report
 
@@ -220,18 +241,20 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     stamp = time.strftime("%Y%m%d-%H%M%S")
     home = cfg.out.resolve() / f"home-{stamp}"
     gate_file = home / "gate-tasks.jsonl"
-    home.mkdir(parents=True, exist_ok=True)
-    gate_file.write_text("".join(json.dumps({"id": t.id, "question": t.messages[0]["content"], "answer": t.expected,
-                                             "check": t.check}) + "\n" for t in gate))
     env = {
         **LOOP_DEFAULTS, "HONE_LEARNER_THREADS": str(os.cpu_count() or 2),
         "HONE_LEARNER_ENABLED": "true", "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0",
         "HONE_VAL_FRACTION": "0", "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_TASKS": str(len(gate)),
         **({"HONE_MODEL": cfg.model} if cfg.model else {}),
-        **{k: v for k, v in os.environ.items() if k.startswith("HONE_") and k not in ("HONE_HOME", "HONE_PORT")},
+        **{k: v for k, v in os.environ.items() if k.startswith("HONE_") and k not in NOT_INHERITED},
         **cfg.server_env,
     }
-    result: dict[str, Any] = {"config": {**{k: str(v) for k, v in asdict(cfg).items()}, "server_env": env},
+    learner = learner_settings(env, home)  # before anything starts: a bad --set fails here, not in the server
+    home.mkdir(parents=True, exist_ok=True)
+    gate_file.write_text("".join(json.dumps({"id": t.id, "question": t.messages[0]["content"], "answer": t.expected,
+                                             "check": t.check}) + "\n" for t in gate))
+    result: dict[str, Any] = {"config": {**{k: str(v) for k, v in asdict(cfg).items()}, "server_env": env,
+                                         "learner_settings": learner},
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "home": str(home), "rows": []}
     t_start = time.monotonic()
     with serve(home, env, cfg.start_timeout_s, say) as url:

@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 
+# The learner settings loop.md names: those runs were compared on (docs/benchmarks.md).
+REPORTED_SETTINGS = ("pairs_per_task", "max_pairs", "explore_budget", "dpo_beta", "dpo_lr", "dpo_epochs",
+                     "dpo_nll_weight", "gate_candidates", "gate_margin")
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -126,6 +131,10 @@ def write_report(result: dict[str, Any], out: Path) -> str:
                      f"{'REACHED' if v['target_reached'] else 'not reached'}")
         for d in v["drops_vs_parent"]:
             lines.append(f"regression: {d['adapter']} on {d['pool']} {_pct(d['from'])} -> {_pct(d['to'])} (parent {d['parent']})")
+    learner = result.get("config", {}).get("learner_settings")
+    if learner:
+        lines.append("learner: " + ", ".join(f"{k} {learner[k]}" for k in REPORTED_SETTINGS if k in learner)
+                     + " (all settings: loop.json config.learner_settings)")
     if plot(result, out / "loop.png"):
         lines.append(f"plot: {out / 'loop.png'}")
     else:

@@ -5,15 +5,18 @@ cycle from labels to eval, are tests/test_learner_integration.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-from learner.experiment import ExperimentError, LoopConfig, done_promoting, load_pools
+from learner import experiment
+from learner.experiment import LOOP_DEFAULTS, ExperimentError, LoopConfig, done_promoting, learner_settings, load_pools
 from learner.report import table, verdicts, write_report
 from runtime.cli import main
+from runtime.config import Settings
 
 
 def ev(rate: float, n: int = 40) -> dict:
@@ -60,6 +63,45 @@ def test_table_and_report_files(tmp_path: Path) -> None:
     text = write_report(r, tmp_path)
     assert (tmp_path / "loop.md").read_text() == text and "REACHED" not in text and "not reached" in text
     assert (tmp_path / "loop.png").is_file() == ("plot: skipped" not in text)  # skipped only without matplotlib
+    assert "learner:" not in text  # results from before settings were recorded
+    r["config"] = {"learner_settings": {"pairs_per_task": "1", "dpo_lr": "0.0001", "lora_rank": "16"}}
+    line = next(x for x in write_report(r, tmp_path).splitlines() if x.startswith("learner:"))
+    assert line.startswith("learner: pairs_per_task 1, dpo_lr 0.0001 (") and "lora_rank" not in line
+
+
+def test_the_loop_measures_hones_own_learner_defaults(tmp_path: Path) -> None:
+    defaults = Settings.load({"HONE_HOME": str(tmp_path)})
+    got = learner_settings({**LOOP_DEFAULTS, "HONE_DPO_EPOCHS": "3"}, tmp_path / "h")
+    for name in ("pairs_per_task", "max_pairs", "explore_budget", "dpo_beta", "dpo_lr", "dpo_nll_weight", "gate_margin"):
+        assert got[name] == str(getattr(defaults, name)), name  # a result records what it ran, defaults included
+    assert got["dpo_epochs"] == "3" and got["explore_concurrency"] == LOOP_DEFAULTS["HONE_EXPLORE_CONCURRENCY"]
+    assert "admin_token" not in got and not (tmp_path / "h").exists()
+    with pytest.raises(ExperimentError, match="takes no tokens"):
+        learner_settings({"HONE_ADMIN_TOKEN": "a-long-secret"}, tmp_path / "h")  # only --set or HONE_CONFIG can get here
+
+
+def test_a_bad_setting_fails_before_a_server_starts(tmp_path: Path) -> None:
+    out = CliRunner().invoke(main, ["bench", "loop", "--set", "HONE_DPO_LR=fast", "--out", str(tmp_path / "o")])
+    assert out.exit_code == 1 and "bad setting" in out.output and "dpo_lr" in out.output
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # no half-made home left behind
+
+
+def test_a_users_production_token_and_host_are_not_inherited(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HONE_ADMIN_TOKEN", "a-long-secret")
+    monkeypatch.setenv("HONE_HOST", "0.0.0.0")
+    monkeypatch.setenv("HONE_DPO_EPOCHS", "3")
+    seen = {}
+
+    @contextlib.contextmanager
+    def fake_serve(home, env, timeout, say):  # stop before anything runs: only the env is under test
+        seen.update(env)
+        raise ExperimentError("stopped by the test")
+        yield
+
+    monkeypatch.setattr(experiment, "serve", fake_serve)
+    with pytest.raises(ExperimentError, match="stopped by the test"):
+        experiment.run_experiment(LoopConfig(out=tmp_path), say=lambda m: None)
+    assert seen["HONE_DPO_EPOCHS"] == "3" and "HONE_ADMIN_TOKEN" not in seen and "HONE_HOST" not in seen
 
 
 def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
