@@ -1,5 +1,5 @@
 """Tasks: something the agent can be asked again and checked. They come from logged traffic (a
-stateless run whose metadata carries `expected_answer`) or from a JSONL task file (docs/tasks.md):
+stateless run whose metadata carries `expected_answer`) or from a JSONL task file (docs/evals.md):
 
     {"id", "question", "answer", "check"?, "type"?}                                   single-turn
     {"id", "turns": [{"content", "new_thread"?}, ...], "answer", "check"?, "type"?}    multi-turn

@@ -92,7 +92,7 @@ def print_comparison(c: dict[str, Any]) -> None:
 
 @click.command("eval")
 @click.option("--tasks", "tasks_file", required=True, type=click.Path(dir_okay=False),
-              help="JSONL task file (single- or multi-turn; see docs/tasks.md)")
+              help="JSONL task file (single- or multi-turn; see docs/evals.md)")
 @click.option("--adapter", help="serve the runs with this adapter version, or 'base' (needs the admin token); "
               "default: whatever serves")
 @click.option("--limit", type=click.IntRange(min=1), help="only the first N tasks")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -186,7 +187,11 @@ class Settings:
         values.update(overrides)
         values["home"] = Path(values["home"]).expanduser()
         settings = cls(**values)
-        settings.validate()
+        try:
+            settings.validate()
+        except ConfigError as e:  # name where an out-of-range value came from, as type errors do
+            named = [src for name, (_, src) in raw.items() if re.search(rf"\b{name}\b", str(e))]
+            raise ConfigError(f"{e} (set by {' and '.join(named)})" if named else str(e)) from None
         return settings
 
     def validate(self) -> None:
@@ -222,6 +227,9 @@ class Settings:
                               " vLLM could not load the adapters")
         if not self.target_modules:
             raise ConfigError("lora_targets must name at least one module, e.g. q_proj,v_proj")
+        if self.gate_candidates > self.dpo_epochs:
+            raise ConfigError(f"gate_candidates ({self.gate_candidates}) exceeds dpo_epochs ({self.dpo_epochs}):"
+                              " a cycle saves one adapter per epoch to gate")
         if self.keep_adapters > self.vllm_max_loras:
             raise ConfigError(f"keep_adapters ({self.keep_adapters}) exceeds vllm_max_loras ({self.vllm_max_loras})")
         if not 0 < self.port < 65536:

@@ -36,10 +36,19 @@ def test_env_beats_toml_and_types_are_coerced(tmp_path: Path) -> None:
     ({"HONE_LOG_LEVEL": "verbose"}, "log_level"),
     ({"HONE_PORT": "70000"}, "port"),
     ({"HONE_DPO_DEVICE": "tpu"}, "dpo_device must be auto, cpu or cuda"),
+    ({"HONE_GATE_CANDIDATES": "3"}, r"gate_candidates \(3\) exceeds dpo_epochs \(2\)"),
 ])
 def test_bad_settings_name_the_setting(tmp_path: Path, env: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         Settings.load(env={"HONE_HOME": str(tmp_path), **env})
+
+
+def test_an_out_of_range_value_names_where_it_came_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"max_steps must be > 0, got 0 \(set by environment variable HONE_MAX_STEPS\)"):
+        Settings.load(env={"HONE_HOME": str(tmp_path), "HONE_MAX_STEPS": "0"})
+    (tmp_path / "hone.toml").write_text("lora_rank = 64\n")
+    with pytest.raises(ConfigError, match=r"exceeds vllm_max_lora_rank \(16\).*\(set by .*hone.toml key 'lora_rank'\)$"):
+        Settings.load(env={"HONE_HOME": str(tmp_path)})
 
 
 def test_unknown_toml_key_and_bad_toml(tmp_path: Path) -> None:
