@@ -42,7 +42,7 @@ class Settings:
     served_model_name: str = "hone-base"
     vllm_url: str | None = None  # use an external vLLM instead of starting one
     vllm_port: int = 0  # 0 = pick a free port on 127.0.0.1
-    vllm_dtype: str = "bfloat16"
+    vllm_dtype: str = "auto"  # auto: bfloat16 on a GPU or a CPU with native bf16, else float32 (engine.py)
     vllm_kv_cache_gb: int = 2
     vllm_max_model_len: int = 4096
     vllm_max_lora_rank: int = 16

@@ -42,6 +42,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serving_dtype(setting: str, cpu_flags: set[str] | None = None, gpu: bool | None = None) -> str:
+    """`auto`: bfloat16 on a GPU or on a CPU with native bf16 (AVX512-BF16 or AMX), else float32.
+    On an AVX2-only CPU vLLM emulates bf16: 24 tok/s against 115 in float32 (docs/benchmarks.md)."""
+    if setting != "auto":
+        return setting
+    if gpu is None:
+        gpu = Path("/dev/nvidia0").exists()
+    if gpu:
+        return "bfloat16"
+    if cpu_flags is None:
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            text = ""
+        cpu_flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+    return "bfloat16" if cpu_flags & {"avx512_bf16", "amx_bf16"} else "float32"
+
+
 def vllm_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
     """The exact command line of the managed vLLM server (also printed by `hone serve --dry-run`)."""
     template = model_dir / "chat_template.jinja"
@@ -51,7 +69,7 @@ def vllm_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
         "--served-model-name", settings.served_model_name,
         "--host", "127.0.0.1",
         "--port", str(port),
-        "--dtype", settings.vllm_dtype,
+        "--dtype", serving_dtype(settings.vllm_dtype),
         "--max-model-len", str(settings.vllm_max_model_len),
         "--enable-lora",
         "--max-lora-rank", str(settings.vllm_max_lora_rank),

@@ -43,3 +43,14 @@ def test_a_deep_home_gets_a_short_tmpdir_that_vllm_can_bind_in(tmp_path: Path) -
     _bind_like_vllm(vllm_env(settings)["TMPDIR"])
     other = Settings.load({"HONE_HOME": str(deep / "other")})
     assert engine_tmpdir(other) != tmp
+
+
+def test_auto_dtype_is_bf16_only_where_the_hardware_has_it() -> None:
+    from runtime.engine import serving_dtype
+
+    assert serving_dtype("auto", {"avx2", "avx512f", "avx512_bf16"}, gpu=False) == "bfloat16"
+    assert serving_dtype("auto", {"avx2", "amx_bf16"}, gpu=False) == "bfloat16"
+    assert serving_dtype("auto", {"avx", "avx2", "avx512f"}, gpu=False) == "float32"  # bf16 emulated: ~5x slower
+    assert serving_dtype("auto", set(), gpu=True) == "bfloat16"
+    assert serving_dtype("float16", {"avx512_bf16"}, gpu=False) == "float16"  # an explicit setting is kept
+    assert serving_dtype("auto") in ("bfloat16", "float32")  # this machine's own answer
