@@ -82,6 +82,15 @@ class LoopConfig:
     start_timeout_s: float = 900.0
 
 
+def config_record(cfg: LoopConfig) -> dict[str, Any]:
+    """The run's options as loop.json keeps them: paths as strings, the suites as a list, numbers as numbers."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+    return {k: plain(v) for k, v in asdict(cfg).items()}
+
+
 # ---------------------------------------------------------------- the server
 @contextlib.contextmanager
 def serve(home: Path, env_extra: dict[str, str], timeout: float, say: Callable[[str], None]) -> Iterator[str]:
@@ -253,7 +262,7 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     home.mkdir(parents=True, exist_ok=True)
     gate_file.write_text("".join(json.dumps({"id": t.id, "question": t.messages[0]["content"], "answer": t.expected,
                                              "check": t.check}) + "\n" for t in gate))
-    result: dict[str, Any] = {"config": {**{k: str(v) for k, v in asdict(cfg).items()}, "server_env": env,
+    result: dict[str, Any] = {"config": {**config_record(cfg), "server_env": env,
                                          "learner_settings": learner},
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "home": str(home), "rows": []}
     t_start = time.monotonic()

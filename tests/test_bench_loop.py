@@ -150,3 +150,10 @@ def test_the_loop_stops_once_enough_candidates_were_promoted() -> None:
     assert not done_promoting(rows[:3], 2)  # one promotion, one rejection: go on
     assert done_promoting(rows, 2)
     assert not done_promoting(rows, 3)
+
+
+def test_loop_json_keeps_the_options_as_json_values() -> None:
+    record = experiment.config_record(LoopConfig(cycles=4))
+    assert json.loads(json.dumps(record)) == record  # no str() fallback needed, so nothing is repr'd
+    assert record["cycles"] == 4 and record["promotions"] is None
+    assert record["suites"] == [str(p) for p in LoopConfig().suites] and record["heldout"].endswith("asdiv-a-heldout-200.jsonl")
