@@ -44,7 +44,10 @@ def free_port() -> int:
 
 def serving_dtype(setting: str, cpu_flags: set[str] | None = None, gpu: bool | None = None) -> str:
     """`auto`: bfloat16 on a GPU or on a CPU with native bf16 (AVX512-BF16 or AMX), else float32.
-    On an AVX2-only CPU vLLM emulates bf16: 24 tok/s against 115 in float32 (docs/benchmarks.md)."""
+    On an AVX2-only CPU vLLM emulates bf16: 24 tok/s against 115 in float32 (docs/benchmarks.md).
+    Read from /proc/cpuinfo so the server need not import torch; the trainer asks oneDNN instead
+    (learner/train.py: _use_bf16), which also says yes on AVX-512 CPUs without AVX512-BF16, a case
+    neither side has measured."""
     if setting != "auto":
         return setting
     if gpu is None:
