@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from runtime.hardware import cpu_has_native_bf16
+
 from .dpo import dpo_loss, rows_logps, shared_forward_tokens
 from .probe import make_probe, probe_prompt_ids
 from .types import Pair
@@ -86,7 +88,9 @@ def _use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
         return cfg.bf16_autocast
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # The server's rule (runtime/hardware.py). oneDNN's own check also says yes on AVX-512 CPUs
+    # without AVX512-BF16, where bf16 is emulated.
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def _load_policy(model_dir: str | Path, cfg: TrainConfig, parent_adapter: str | Path | None, device: torch.device):

@@ -48,6 +48,7 @@ class Settings:
     vllm_max_lora_rank: int = 16
     vllm_max_loras: int = 2
     vllm_extra_args: str = ""
+    vllm_cpu_reserved_cores: str = "auto"  # auto: none on a host of <= 2 cores, else vLLM's default (engine.py)
     vllm_grouped_lora: bool = True  # CPU: one LoRA matmul per adapter, not per token (runtime/vllm_lora_cpu.py)
     vllm_startup_timeout_s: float = 600.0
 
@@ -214,6 +215,9 @@ class Settings:
                      "explore_budget", "dpo_nll_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.vllm_cpu_reserved_cores != "auto" and not self.vllm_cpu_reserved_cores.isdigit():
+            raise ConfigError("vllm_cpu_reserved_cores must be 'auto' or a whole number of cores,"
+                              f" got {self.vllm_cpu_reserved_cores!r}")
         if not -1.0 <= self.gate_margin <= 1.0:
             raise ConfigError(f"gate_margin must be in [-1, 1], got {self.gate_margin}")
         if not 0.0 <= self.val_fraction < 1.0:

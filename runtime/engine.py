@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from .config import Settings
+from .hardware import cpu_has_native_bf16, gpu_present, usable_cores
 
 log = logging.getLogger("hone.engine")
 
@@ -44,23 +45,22 @@ def free_port() -> int:
 
 def serving_dtype(setting: str, cpu_flags: set[str] | None = None, gpu: bool | None = None) -> str:
     """`auto`: bfloat16 on a GPU or on a CPU with native bf16 (AVX512-BF16 or AMX), else float32.
-    On an AVX2-only CPU vLLM emulates bf16: 24 tok/s against 115 in float32 (docs/benchmarks.md).
-    Read from /proc/cpuinfo so the server need not import torch; the trainer asks oneDNN instead
-    (learner/train.py: _use_bf16), which also says yes on AVX-512 CPUs without AVX512-BF16, a case
-    neither side has measured."""
+    The trainer's `dpo_autocast = auto` asks the same question (runtime/hardware.py)."""
     if setting != "auto":
         return setting
-    if gpu is None:
-        gpu = Path("/dev/nvidia0").exists()
-    if gpu:
+    if gpu if gpu is not None else gpu_present():
         return "bfloat16"
-    if cpu_flags is None:
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            text = ""
-        cpu_flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-    return "bfloat16" if cpu_flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return "bfloat16" if cpu_has_native_bf16(cpu_flags) else "float32"
+
+
+def reserved_cpu_cores(setting: str, cores: int | None = None) -> str | None:
+    """How many cores vLLM-CPU keeps off the model for its scheduler process; None = vLLM's default
+    (one per worker). `auto` reserves none on a host with 2 cores or fewer: there the default runs
+    the model on one thread, and a 60-task eval took 122 s against 76 s with both cores
+    (docs/benchmarks.md). Larger hosts, not measured, keep vLLM's default."""
+    if setting != "auto":
+        return setting
+    return "0" if (usable_cores() if cores is None else cores) <= 2 else None
 
 
 def vllm_command(settings: Settings, model_dir: Path, port: int) -> list[str]:
@@ -121,6 +121,10 @@ def vllm_env(settings: Settings) -> dict[str, str]:
         TMPDIR=str(tmp),
         HONE_VLLM_GROUPED_LORA="1" if settings.vllm_grouped_lora else "0",
     )
+    reserved = reserved_cpu_cores(settings.vllm_cpu_reserved_cores)
+    # vLLM's own variables, set by the user, win: they may bind cores by hand.
+    if reserved is not None and not {"VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND"} & env.keys():
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = reserved
     return env
 
 

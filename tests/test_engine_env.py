@@ -54,3 +54,44 @@ def test_auto_dtype_is_bf16_only_where_the_hardware_has_it() -> None:
     assert serving_dtype("auto", set(), gpu=True) == "bfloat16"
     assert serving_dtype("float16", {"avx512_bf16"}, gpu=False) == "float16"  # an explicit setting is kept
     assert serving_dtype("auto") in ("bfloat16", "float32")  # this machine's own answer
+
+
+def test_the_trainer_asks_the_same_bf16_question_as_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import learner.train as train
+    from runtime.engine import serving_dtype
+
+    cpu = torch.device("cpu")
+    for flags in ({"avx2", "avx512f"}, {"avx2"}, {"avx2", "avx512f", "avx512_bf16"}):
+        monkeypatch.setattr("runtime.hardware.cpu_flags", lambda f=flags: f)
+        assert train._use_bf16(train.TrainConfig(), cpu) == (serving_dtype("auto", gpu=False) == "bfloat16")
+    assert train._use_bf16(train.TrainConfig(), cpu) is True  # the last flags had AVX512-BF16
+    assert train._use_bf16(train.TrainConfig(bf16_autocast=False), cpu) is False  # an explicit setting is kept
+
+
+def test_a_two_core_host_gives_the_model_both_cores() -> None:
+    from runtime.engine import reserved_cpu_cores
+
+    assert reserved_cpu_cores("auto", cores=2) == "0"
+    assert reserved_cpu_cores("auto", cores=1) == "0"
+    assert reserved_cpu_cores("auto", cores=16) is None  # vLLM's default: one core for its scheduler
+    assert reserved_cpu_cores("3", cores=2) == "3"
+
+
+def test_vllm_env_reserves_cores_unless_the_user_binds_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    settings = Settings.load({"HONE_HOME": str(tmp_path), "HONE_VLLM_CPU_RESERVED_CORES": "1"})
+    assert vllm_env(settings)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0")
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in vllm_env(settings)  # a hand binding is left alone
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "2")
+    assert vllm_env(settings)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "2"
+
+
+def test_a_bad_reserved_cores_setting_is_a_config_error(tmp_path: Path) -> None:
+    from runtime.config import ConfigError
+
+    with pytest.raises(ConfigError, match="vllm_cpu_reserved_cores must be 'auto' or a whole number"):
+        Settings.load({"HONE_HOME": str(tmp_path), "HONE_VLLM_CPU_RESERVED_CORES": "two"})
