@@ -48,7 +48,9 @@ def serving_dtype(setting: str, cpu_flags: set[str] | None = None, gpu: bool | N
     The trainer's `dpo_autocast = auto` asks the same question (runtime/hardware.py)."""
     if setting != "auto":
         return setting
-    if gpu if gpu is not None else gpu_present():
+    if gpu is None:
+        gpu = gpu_present()
+    if gpu:
         return "bfloat16"
     return "bfloat16" if cpu_has_native_bf16(cpu_flags) else "float32"
 
@@ -56,7 +58,7 @@ def serving_dtype(setting: str, cpu_flags: set[str] | None = None, gpu: bool | N
 def reserved_cpu_cores(setting: str, cores: int | None = None) -> str | None:
     """How many cores vLLM-CPU keeps off the model for its scheduler process; None = vLLM's default
     (one per worker). `auto` reserves none on a host with 2 cores or fewer: there the default runs
-    the model on one thread, and a 60-task eval took 122 s against 76 s with both cores
+    the model on one thread, and a 60-task eval took 123 s against 81 s with both cores
     (docs/benchmarks.md). Larger hosts, not measured, keep vLLM's default."""
     if setting != "auto":
         return setting
