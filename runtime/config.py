@@ -49,6 +49,7 @@ class Settings:
     vllm_max_loras: int = 2
     vllm_extra_args: str = ""
     vllm_cpu_reserved_cores: str = "auto"  # auto: none on a host of <= 2 cores, else vLLM's default (engine.py)
+    vllm_block_size: str = "auto"  # KV block size = prefix-cache granularity; auto: 32 on a CPU, else vLLM's (engine.py)
     vllm_grouped_lora: bool = True  # CPU: one LoRA matmul per adapter, not per token (runtime/vllm_lora_cpu.py)
     vllm_startup_timeout_s: float = 600.0
 
@@ -218,6 +219,8 @@ class Settings:
         if self.vllm_cpu_reserved_cores != "auto" and not self.vllm_cpu_reserved_cores.isdigit():
             raise ConfigError("vllm_cpu_reserved_cores must be 'auto' or a whole number of cores,"
                               f" got {self.vllm_cpu_reserved_cores!r}")
+        if self.vllm_block_size != "auto" and not (self.vllm_block_size.isdigit() and int(self.vllm_block_size) > 0):
+            raise ConfigError(f"vllm_block_size must be 'auto' or a whole number of tokens > 0, got {self.vllm_block_size!r}")
         if not -1.0 <= self.gate_margin <= 1.0:
             raise ConfigError(f"gate_margin must be in [-1, 1], got {self.gate_margin}")
         if not 0.0 <= self.val_fraction < 1.0:

@@ -95,3 +95,25 @@ def test_a_bad_reserved_cores_setting_is_a_config_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="vllm_cpu_reserved_cores must be 'auto' or a whole number"):
         Settings.load({"HONE_HOME": str(tmp_path), "HONE_VLLM_CPU_RESERVED_CORES": "two"})
+
+
+def test_the_kv_block_size_is_32_on_a_cpu_and_vllms_own_on_a_gpu(tmp_path: Path) -> None:
+    from runtime.engine import kv_block_size, vllm_command
+
+    assert kv_block_size("auto", gpu=False) == "32"
+    assert kv_block_size("auto", gpu=True) is None
+    assert kv_block_size("64", gpu=True) == "64"
+    settings = Settings.load({"HONE_HOME": str(tmp_path), "HONE_VLLM_BLOCK_SIZE": "64"})
+    cmd = vllm_command(settings, tmp_path, 8000)
+    assert cmd[cmd.index("--block-size") + 1] == "64"
+    settings = Settings.load({"HONE_HOME": str(tmp_path), "HONE_VLLM_EXTRA_ARGS": "--block-size=96"})
+    cmd = vllm_command(settings, tmp_path, 8000)
+    assert [a for a in cmd if a.startswith("--block-size")] == ["--block-size=96"]  # the user's own flag wins
+
+
+def test_a_bad_block_size_is_a_config_error(tmp_path: Path) -> None:
+    from runtime.config import ConfigError
+
+    for bad in ("0", "big", "-32"):
+        with pytest.raises(ConfigError, match="vllm_block_size must be 'auto' or a whole number"):
+            Settings.load({"HONE_HOME": str(tmp_path), "HONE_VLLM_BLOCK_SIZE": bad})
