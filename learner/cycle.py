@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from runtime.config import Settings
+from runtime.hardware import usable_cores
 from runtime.model import ensure_model
 from runtime.store import TrajectoryStore
 
@@ -44,7 +44,8 @@ Say = Callable[[str], None]
 def train_config(settings: Settings):
     from .train import TrainConfig
 
-    threads = settings.learner_threads or max(1, (os.cpu_count() or 2) // 2)
+    # usable_cores: a container's CPU set, not the host's count (os.cpu_count), which oversubscribed
+    threads = settings.learner_threads or max(1, usable_cores() // 2)
     return TrainConfig(
         beta=settings.dpo_beta, lr=settings.dpo_lr, epochs=settings.dpo_epochs, batch_size=settings.dpo_batch_size,
         max_length=settings.dpo_max_length, nll_weight=settings.dpo_nll_weight, lora_rank=settings.lora_rank,

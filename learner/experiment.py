@@ -34,6 +34,7 @@ import httpx
 from runtime.config import ConfigError, Settings
 from runtime.engine import free_port
 from runtime.evals import EvalOptions, EvalStore, run_eval
+from runtime.hardware import usable_cores
 
 from .checks import check_answer
 from .labels import FAILURE_STATUSES
@@ -251,7 +252,7 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     home = cfg.out.resolve() / f"home-{stamp}"
     gate_file = home / "gate-tasks.jsonl"
     env = {
-        **LOOP_DEFAULTS, "HONE_LEARNER_THREADS": str(os.cpu_count() or 2),
+        **LOOP_DEFAULTS, "HONE_LEARNER_THREADS": str(usable_cores()),
         "HONE_LEARNER_ENABLED": "true", "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0",
         "HONE_VAL_FRACTION": "0", "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_TASKS": str(len(gate)),
         **({"HONE_MODEL": cfg.model} if cfg.model else {}),

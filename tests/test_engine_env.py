@@ -117,3 +117,14 @@ def test_a_bad_block_size_is_a_config_error(tmp_path: Path) -> None:
     for bad in ("0", "big", "-32"):
         with pytest.raises(ConfigError, match="vllm_block_size must be 'auto' or a whole number"):
             Settings.load({"HONE_HOME": str(tmp_path), "HONE_VLLM_BLOCK_SIZE": bad})
+
+
+def test_training_threads_follow_the_cores_this_process_may_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import learner.cycle as cycle
+
+    monkeypatch.setattr(cycle, "usable_cores", lambda: 4)  # e.g. a container pinned to 4 of the host's 64 cores
+    assert cycle.train_config(Settings.load({"HONE_HOME": str(tmp_path)})).threads == 2  # serving keeps the rest
+    monkeypatch.setattr(cycle, "usable_cores", lambda: 1)
+    assert cycle.train_config(Settings.load({"HONE_HOME": str(tmp_path)})).threads == 1
+    settings = Settings.load({"HONE_HOME": str(tmp_path), "HONE_LEARNER_THREADS": "3"})
+    assert cycle.train_config(settings).threads == 3
