@@ -187,7 +187,7 @@ class Cycle:
                 self.registry.update_cycle(self.id, progress={"runs": done[0], "of": runs})
 
             gates = await run_gates(self.runner, gate_tasks, candidates=candidates, current=active, cycle_id=self.id,
-                                    margin=s.gate_margin, known_current=known, on_done=tick_gate)
+                                    margin=s.gate_margin, max_p=s.gate_max_p, known_current=known, on_done=tick_gate)
             for name, g in gates.items():
                 g["model"] = model
                 registry.update_adapter(name, gate=g)
@@ -205,7 +205,11 @@ class Cycle:
                      f"{gate['current']} {gate['current_rate']:.1%} on {gate['n_tasks']} held-out tasks"
                      + (f" (best of {len(gates)} candidates)" if len(gates) > 1 else ""))
         if not gate["promote"]:
-            reason = (f"gate: {gate['candidate_rate']:.3f} < {gate['current_rate']:.3f} + margin {gate['margin']}")
+            if gate["candidate_rate"] < gate["current_rate"] + gate["margin"]:
+                reason = f"gate: {gate['candidate_rate']:.3f} < {gate['current_rate']:.3f} + margin {gate['margin']}"
+            else:
+                reason = (f"gate: {gate['candidate_rate']:.3f} vs {gate['current_rate']:.3f}, fixed {gate['fixed']} broke "
+                          f"{gate['broken']}: McNemar p {gate['p_value']} > gate_max_p {gate['max_p']}")
             await self.reject_all([version], reason)
             return self.finish("rejected", error=reason, gate=gate)
 

@@ -1,7 +1,8 @@
 """The gate: a candidate serves only if it does at least as well as what serves now on held-out tasks.
 
 Both sides run the same validation tasks through the real agent, greedily (temperature 0), with the
-adapter forced per run. Promote if candidate_rate >= current_rate + margin. Validation tasks come
+adapter forced per run. Promote if candidate_rate >= current_rate + margin and, when `max_p` < 1, the
+task-by-task difference is that unlikely under chance (exact McNemar p <= max_p). Validation tasks come
 from the held-out split of logged traffic plus an optional task file (`gate_tasks_file`).
 
 What serves now was measured on these tasks before: as the candidate of the gate that promoted it
@@ -38,10 +39,11 @@ async def check_candidate(engine: Engine, version: str, path: str | Path, *, max
 
 
 async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, current: str | None,
-                   cycle_id: int, margin: float, known_current: dict[str, bool] | None = None,
+                   cycle_id: int, margin: float, max_p: float = 1.0, known_current: dict[str, bool] | None = None,
                    on_done=None) -> dict[str, Any]:
     """`known_current`: task key -> success of the current side, measured earlier; those tasks are
-    not run again for it."""
+    not run again for it. `max_p` < 1 also asks for evidence: both adapters the loop promoted that
+    then scored below their parent on unseen tasks had won their gates at p = 0.41 (docs/benchmarks.md)."""
     tasks = list({t.key: t for t in tasks}.values())  # a task in both the split and the file runs once
     sides = {"candidate": candidate, "current": current or "base"}
     known = {t.key: known_current[t.key] for t in tasks if known_current and t.key in known_current}
@@ -62,16 +64,16 @@ async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, cu
     diff = paired(cur, cand)
     return {
         "n_tasks": n, "candidate": candidate, "current": sides["current"],
-        "candidate_rate": cand_successes / n, "current_rate": cur_successes / n, "margin": margin,
+        "candidate_rate": cand_successes / n, "current_rate": cur_successes / n, "margin": margin, "max_p": max_p,
         "candidate_successes": cand_successes, "current_successes": cur_successes,
         "current_reused": len(known), "fixed": diff["fixed"], "broken": diff["broken"], "p_value": diff["p_value"],
-        "promote": cand_successes / n >= cur_successes / n + margin,
+        "promote": cand_successes / n >= cur_successes / n + margin and (max_p >= 1.0 or diff["p_value"] <= max_p),
         "results": results, "fingerprints": {t.key: fingerprint(t) for t in tasks},
     }
 
 
 async def run_gates(runner: AgentRunner, tasks: list[Task], *, candidates: list[str], current: str | None,
-                    cycle_id: int, margin: float, known_current: dict[str, bool] | None = None,
+                    cycle_id: int, margin: float, max_p: float = 1.0, known_current: dict[str, bool] | None = None,
                     on_done=None) -> dict[str, dict[str, Any]]:
     """`run_gate` for each candidate, in order; what serves now runs each task once, the later
     candidates reuse its results."""
@@ -79,7 +81,7 @@ async def run_gates(runner: AgentRunner, tasks: list[Task], *, candidates: list[
     known = dict(known_current or {})
     for name in candidates:
         gates[name] = await run_gate(runner, tasks, candidate=name, current=current, cycle_id=cycle_id,
-                                     margin=margin, known_current=known, on_done=on_done)
+                                     margin=margin, max_p=max_p, known_current=known, on_done=on_done)
         known.update(gates[name]["results"]["current"])
     return gates
 

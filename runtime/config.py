@@ -101,6 +101,7 @@ class Settings:
     # Learner: gate and swap
     gate_tasks: int = 32  # validation tasks run per side (candidate, current)
     gate_margin: float = 0.0  # promote if candidate rate >= current rate + margin
+    gate_max_p: float = 1.0  # < 1: promote only if also McNemar p <= this (1.0 = off)
     gate_candidates: int = 1  # adapters gated per cycle: the last N epochs'; the best one may be promoted
     gate_tasks_file: Path | None = None  # extra held-out tasks (JSONL: id, question, answer)
     gate_reuse: bool = True  # reuse what serves now's recorded per-task gate results instead of re-running it
@@ -223,6 +224,8 @@ class Settings:
             raise ConfigError(f"vllm_block_size must be 'auto' or a whole number of tokens > 0, got {self.vllm_block_size!r}")
         if not -1.0 <= self.gate_margin <= 1.0:
             raise ConfigError(f"gate_margin must be in [-1, 1], got {self.gate_margin}")
+        if not 0.0 < self.gate_max_p <= 1.0:
+            raise ConfigError(f"gate_max_p must be in (0, 1], got {self.gate_max_p}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 <= self.lora_dropout < 1.0:

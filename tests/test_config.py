@@ -37,6 +37,8 @@ def test_env_beats_toml_and_types_are_coerced(tmp_path: Path) -> None:
     ({"HONE_PORT": "70000"}, "port"),
     ({"HONE_DPO_DEVICE": "tpu"}, "dpo_device must be auto, cpu or cuda"),
     ({"HONE_GATE_CANDIDATES": "3"}, r"gate_candidates \(3\) exceeds dpo_epochs \(2\)"),
+    ({"HONE_GATE_MAX_P": "0"}, r"gate_max_p must be in \(0, 1\], got 0.0"),
+    ({"HONE_GATE_MAX_P": "1.5"}, r"gate_max_p must be in \(0, 1\]"),
 ])
 def test_bad_settings_name_the_setting(tmp_path: Path, env: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):

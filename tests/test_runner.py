@@ -70,6 +70,28 @@ def test_the_gate_compares_both_sides_task_by_task_and_promotes_on_the_margin() 
     assert gate["results"]["current"] == {f"file:q{i}": i in (0, 4) for i in range(6)}
     strict = asyncio.run(run_gate(Runner(), tasks, candidate="hone-v2", current=None, cycle_id=3, margin=0.5))
     assert not strict["promote"]
+    # fixed 3, broke 1 is p = 0.625: ahead on the rates, but not evidence enough for max_p 0.5
+    unproven = asyncio.run(run_gate(Runner(), tasks, candidate="hone-v2", current=None, cycle_id=3, margin=0.0,
+                                    max_p=0.5))
+    assert unproven["max_p"] == 0.5 and not unproven["promote"]
+    assert asyncio.run(run_gate(Runner(), tasks, candidate="hone-v2", current=None, cycle_id=3, margin=0.0,
+                                max_p=0.7))["promote"]
+
+
+def test_a_significance_gate_never_promotes_a_worse_candidate_however_lopsided() -> None:
+    from learner.gate import run_gate
+    from learner.runner import Attempt
+
+    tasks = [Task(f"file:q{i}", ({"role": "user", "content": f"q{i}"},), i, "numeric") for i in range(20)]
+    solves = {"hone-v2": set(), "base": set(range(20))}  # broke all 20: p is tiny, the direction is wrong
+
+    class Runner:
+        async def attempt_all(self, jobs, *, on_done=None):
+            return [Attempt(j["task"], None, "ok", "", int(j["task"].key.split("q")[1]) in solves[j["adapter"]], 2)
+                    for j in jobs]
+
+    gate = asyncio.run(run_gate(Runner(), tasks, candidate="hone-v2", current=None, cycle_id=1, margin=0.0, max_p=0.2))
+    assert gate["p_value"] < 1e-5 and not gate["promote"]
 
 
 def test_the_gate_reuses_the_current_sides_recorded_results_and_runs_only_what_is_missing() -> None:
