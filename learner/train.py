@@ -6,8 +6,9 @@
 
 Costs, on a CPU: the reference log-probs are computed once per pair before training (not once per
 epoch), the vocabulary projection runs only at generated positions (learner/dpo.py), and the pairs of
-a batch run as one forward whose rows share their prefix (prompt and examples: most of each
-trajectory), so the prefix runs once per step, not twice per pair (learner/dpo.py rows_logps).
+a batch run as one forward in which every token their rows share runs once: the prompt and examples
+(most of each trajectory) once per step, each question once per pair, then each attempt's own tokens
+(learner/dpo.py rows_logps).
 `forward_tokens` bounds one forward's size (activation memory); a batch that exceeds it is split
 into several forwards whose gradients add up to the same step.
 """
@@ -280,10 +281,9 @@ def pair_rows(pairs: Sequence[Pair], group: Sequence[int]) -> list[tuple[Sequenc
 def forward_groups(pairs: Sequence[Pair], indices: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Split pair indices, in order, into forwards of at most `max_tokens` token positions each
     (shared_forward_tokens). A pair joins the forward before it only if that runs fewer positions
-    than two forwards would: rows share only the prefix common to all of them, so pairs with
-    different prompts would lose their within-pair sharing (bench/dpo.py's pairs: 1.6x the
-    positions and 2.8x the memory). A pair too big on its own still gets a forward: max_length
-    bounds it."""
+    than two forwards would, i.e. if they share a prefix: pairs with different prompts
+    (bench/dpo.py's) would save nothing and make one forward's attention span both. A pair too big
+    on its own still gets a forward: max_length bounds it."""
     def cost(group: list[int]) -> int:
         return shared_forward_tokens([ids for ids, _ in pair_rows(pairs, group)])
 

@@ -197,7 +197,7 @@ def _embedded_shapes(model, fn) -> list[tuple[int, int]]:
 def test_pair_logps_runs_the_shared_prefix_once(tiny_model) -> None:
     seen = _embedded_shapes(tiny_model, lambda: pair_logps(
         tiny_model, SHARED + [40, 41], [0] * 20 + [1] * 2, SHARED + [50, 51, 52], [0] * 20 + [1] * 3))
-    assert seen == [(1, 20), (2, 3)]  # 26 token positions embedded, not 2 x 23
+    assert seen == [(1, 20), (1, 5)]  # the prompt once, then both suffixes packed: 25 positions, not 2 x 23
 
 
 # Three tasks after one prompt (SHARED): each a question, then a chosen and a rejected attempt.
@@ -231,12 +231,44 @@ def test_rows_logps_of_several_pairs_equals_running_every_row_whole(tiny_model) 
     assert all(torch.allclose(shared[2][k], whole[2][k], atol=1e-5) for k in whole[2])
 
 
+@pytest.mark.parametrize("attention, checkpointing, rows", [
+    ("eager", False, BATCH_ROWS),  # eager attention adds a float mask to the scores
+    ("sdpa", True, BATCH_ROWS),  # gradient checkpointing keeps no cache: the prompt goes into the trie
+    ("sdpa", False, [([1, 5, 6, 7], [0, 1, 1, 1]), ([2, 5, 6], [0, 0, 1]), ([1, 5, 9], [0, 1, 1])]),  # no common prefix
+])
+def test_rows_logps_is_exact_on_every_path(tiny_model, attention: str, checkpointing: bool, rows) -> None:
+    model = _lora(tiny_model)
+    weights = torch.linspace(-2.0, 2.0, len(rows))
+
+    def values_and_grads(fn):
+        model.zero_grad()
+        logps, n = fn()
+        (logps * weights).sum().backward()
+        return logps.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    whole = values_and_grads(lambda: sequence_logps(model, *padded_rows(*rows)))
+    try:
+        tiny_model.set_attn_implementation(attention)
+        if checkpointing:
+            tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        packed = values_and_grads(lambda: rows_logps(model, rows))
+    finally:
+        tiny_model.gradient_checkpointing_disable()
+        tiny_model.set_attn_implementation("sdpa")
+        model.unload()
+    assert torch.allclose(packed[0], whole[0], atol=1e-5) and torch.equal(packed[1], whole[1])
+    assert packed[2].keys() == whole[2].keys() and len(packed[2]) > 0
+    assert all(torch.allclose(packed[2][k], whole[2][k], atol=1e-5) for k in whole[2])
+
+
 def test_rows_logps_runs_the_common_prefix_once_for_the_whole_batch(tiny_model) -> None:
     seen = _embedded_shapes(tiny_model, lambda: rows_logps(tiny_model, BATCH_ROWS))
-    assert seen == [(1, 20), (6, 7)]  # the prompt once, then six suffixes padded to the longest (7)
+    # the prompt once, then the six suffixes as one trie: each question once, 21 positions (padded
+    # rows would run 6 x 7 = 42)
+    assert seen == [(1, 20), (1, 21)]
     assert common_prefix_length([r for r, _ in BATCH_ROWS]) == 20
-    assert shared_forward_tokens([r for r, _ in BATCH_ROWS]) == 20 + 6 * 7
-    assert shared_forward_tokens([[1, 2, 3], [1, 2, 3]]) == 2 + 2 * 1  # identical rows: each keeps its last token
+    assert shared_forward_tokens([r for r, _ in BATCH_ROWS]) == 20 + 21
+    assert shared_forward_tokens([[1, 2, 3], [1, 2, 3]]) == 2 + 1  # identical rows: their last token runs once
 
 
 def _token_pair(question: list[int], chosen: list[int], rejected: list[int], group: str) -> Pair:
@@ -255,8 +287,7 @@ def test_forward_groups_fill_each_forward_up_to_the_token_budget() -> None:
 
 
 def test_pairs_with_different_prompts_keep_a_forward_each() -> None:
-    """Rows share only the prefix common to all of them: joining pairs that share no prompt would
-    run each pair's own prefix twice (once per row) instead of once."""
+    """Joining pairs that share no prompt saves no position, and one forward's attention would span both."""
     def pair(prompt: list[int], group: str) -> Pair:
         def seq(answer: list[int]) -> TokenSequence:
             return TokenSequence(tuple(prompt + answer), tuple([0] * len(prompt) + [1] * len(answer)))
