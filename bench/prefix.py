@@ -36,8 +36,8 @@ import torch  # noqa: E402
 
 from learner.cycle import train_config  # noqa: E402
 from learner.dpo import (  # noqa: E402
-    _causal_lm, _masked_logps, common_prefix_length, padded_rows, pair_logps, rows_logps, sequence_logps,
-    shared_forward_tokens, shared_prefix_length,
+    _causal_lm, _masked_logps, padded_rows, pair_logps, rows_logps, sequence_logps, shared_forward_tokens,
+    shared_prefix, shared_prefix_length,
 )
 from learner.pairs import build_pairs, collect  # noqa: E402
 from learner.registry import Registry  # noqa: E402
@@ -51,7 +51,7 @@ def padded_rows_logps(model, rows):
     """The trainer's forward until 2026-12-06: the common prefix once, its keys and values repeated
     for every row, then every row's suffix right-padded to the longest."""
     n = len(rows)
-    prefix = min(common_prefix_length([r for r, _ in rows]), *(len(r) - 1 for r, _ in rows))
+    prefix = shared_prefix([r for r, _ in rows])
     lm = _causal_lm(model)
     ids, mask, attention = padded_rows(*rows)
     shared = lm.model(input_ids=ids[:1, :prefix], use_cache=True)
@@ -64,7 +64,7 @@ def padded_rows_logps(model, rows):
 
 
 def padded_positions(rows) -> int:
-    prefix = min(common_prefix_length(rows), *(len(r) - 1 for r in rows))
+    prefix = shared_prefix(rows)
     return prefix + len(rows) * (max(len(r) for r in rows) - prefix)
 
 
