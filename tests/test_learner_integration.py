@@ -3,7 +3,7 @@
 LoRA-DPO with peft/torch, gate through the real agent, verified hot-swap), then swap under load,
 a wrong adapter caught by verification, a corrupt one refused, a learner crash, and rollback.
 
-The gate margin is -1 here so the tiny candidate is always promoted: what is under test is the
+The gate margin is -1 and `gate_max_p` 1 (no evidence asked) here so the tiny candidate is always promoted: what is under test is the
 machinery (does a promotion swap without dropping requests?), not whether 4 pairs improve the model
 (that is `hone bench loop`'s job)."""
 
@@ -40,7 +40,8 @@ def learner_server(tmp_path_factory: pytest.TempPathFactory, name: str, **settin
         "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0", "HONE_LEARNER_POLL_S": "1",
         "HONE_DPO_EPOCHS": "1", "HONE_DPO_BATCH_SIZE": "2", "HONE_MAX_PAIRS": "4", "HONE_PAIRS_PER_TASK": "2",
         "HONE_EXPLORE_BUDGET": "4", "HONE_EXPLORE_ATTEMPTS": "2", "HONE_GATE_TASKS": "4",
-        "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_MARGIN": "-1", "HONE_VAL_FRACTION": "0",
+        "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_MARGIN": "-1", "HONE_GATE_MAX_P": "1",
+        "HONE_VAL_FRACTION": "0",
         "HONE_DPO_LR": "1e-3", "HONE_MIN_PAIRS": "1",
         **{f"HONE_{k.upper()}": v for k, v in settings.items()},
     }
