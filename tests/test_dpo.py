@@ -295,6 +295,12 @@ def test_pairs_with_different_prompts_keep_a_forward_each() -> None:
 
     own = [pair(list(range(100 * i, 100 * i + 30)), f"t{i}") for i in range(1, 4)]
     assert forward_groups(own, range(3), max_tokens=10_000) == [[0], [1], [2]]
+    # a chat header in common (bench/dpo.py's pairs) is not a shared prompt: 3 of 33 positions
+    headed = [pair([7, 8, 9] + list(range(100 * i, 100 * i + 30)), f"t{i}") for i in range(1, 4)]
+    assert forward_groups(headed, range(3), max_tokens=10_000) == [[0], [1], [2]]
+    # a prompt shared for most of its length is
+    shared = [pair(list(range(24)) + list(range(100 * i, 100 * i + 6)), f"t{i}") for i in range(1, 4)]
+    assert forward_groups(shared, range(3), max_tokens=10_000) == [[0, 1, 2]]
     mixed = [own[0], _token_pair([31], [40, 41], [50], "s1"), _token_pair([32], [40], [50, 51], "s2")]
     assert forward_groups(mixed, range(3), max_tokens=10_000) == [[0], [1, 2]]
 
