@@ -1,7 +1,7 @@
 """DPO training benchmark: hone's trainer against TRL's DPOTrainer, same pairs, same machine, one run.
 
     .venv/bin/pip install -e ".[bench]"          # TRL, pinned in constraints/cpu.txt
-    .venv/bin/python bench/dpo.py [--pairs 4] [--length 512] [--epochs 2] [--threads 2]
+    .venv/bin/python bench/dpo.py [--pairs 4] [--length 512] [--epochs 2] [--threads 2] [--precisions bf16,fp32]
 
 Every configuration trains in its own subprocess (so each peak RSS is its own) on the same N
 preference pairs: a chat-formatted prompt plus a chosen and a rejected completion, each sequence
@@ -125,6 +125,9 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512, help="tokens per sequence (prompt + completion)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--precisions", default="bf16,fp32",
+                    help="autocast modes to compare, comma-separated; on a CPU without native bf16 (no AVX512-BF16/AMX) "
+                         "bf16 is emulated and hone trains in fp32 (dpo_autocast auto), so pass fp32 there")
     ap.add_argument("--out", default=str(REPO / "bench/results/dpo.json"))
     ap.add_argument("--worker", choices=["hone", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--bf16", type=int, default=1, help=argparse.SUPPRESS)
@@ -132,6 +135,9 @@ def main() -> None:
     ap.add_argument("--checkpointing", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"bf16", "fp32"}:
+        ap.error(f"--precisions: expected bf16 and/or fp32, got {args.precisions!r}")
 
     from tests.integration_support import prepared_model
 
@@ -150,24 +156,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         pairs_file = Path(tmp) / "pairs.json"
         pairs_file.write_text(json.dumps(pairs))
-        for bf16 in (True, False):
+        for bf16 in [p == "bf16" for p in precisions]:
             for impl in ("hone", "trl"):
                 print(f"running {impl} bf16={bf16} ...", file=sys.stderr)
                 rows.append({"impl": impl, "bf16": bf16, **run_worker(args, impl, bf16, pairs_file)})
             if bf16:  # TRL batching the step's pairs too, as hone does
                 print("running trl-b4 bf16=True ...", file=sys.stderr)
                 rows.append({"impl": "trl-b4", "bf16": True, **run_worker(args, "trl", True, pairs_file, batch=ACCUMULATE)})
-        # without native bf16 a CPU trains in fp32: gradient checkpointing is the memory option there
-        print("running hone bf16=False gradient checkpointing ...", file=sys.stderr)
-        rows.append({"impl": "hone+ckpt", "bf16": False, **run_worker(args, "hone", False, pairs_file, True)})
+        if "fp32" in precisions:  # without native bf16 a CPU trains in fp32: checkpointing is the memory option there
+            print("running hone bf16=False gradient checkpointing ...", file=sys.stderr)
+            rows.append({"impl": "hone+ckpt", "bf16": False, **run_worker(args, "hone", False, pairs_file, True)})
     ratios = {}
     for bf16, other in ((True, "trl"), (True, "trl-b4"), (False, "trl")):
-        ours, trl = (next(r for r in rows if r["impl"] == i and r["bf16"] == bf16) for i in ("hone", other))
+        found = [next((r for r in rows if r["impl"] == i and r["bf16"] == bf16), None) for i in ("hone", other)]
+        if None in found:
+            continue
+        ours, trl = found
         if "error" not in ours and "error" not in trl:
             ratios[("bf16" if bf16 else "fp32") + ("" if other == "trl" else "_vs_" + other)] = {"speedup": round(ours["pairs_per_s"] / trl["pairs_per_s"], 2),
                                                   "rss_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 2)}
+    from runtime.hardware import cpu_has_native_bf16, usable_cores
+
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, "
-              f"{__import__('os').cpu_count()} cores", "pairs": args.pairs, "length": args.length,
+              f"{usable_cores()} usable cores, native bf16: {cpu_has_native_bf16()}", "pairs": args.pairs, "length": args.length,
               "epochs": args.epochs, "threads": args.threads, "rows": rows, "ratios": ratios}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print("| trainer | autocast | pairs/s | s (ref + train) | peak RSS MB | final loss |\n|---|---|---|---|---|---|")
