@@ -6,8 +6,8 @@
 Every configuration trains in its own subprocess (so each peak RSS is its own) on the same N
 preference pairs: a chat-formatted prompt plus a chosen and a rejected completion, each sequence
 exactly --length tokens of the embedded SmolLM2-135M. Same LoRA (r 16, alpha 32, all linear
-projections), beta 0.1, lr 5e-5, 4 pairs per optimizer step. hone runs a step's 4 pairs in one
-forward (its default); TRL runs them as 4 forwards of one pair with gradient accumulation (`trl`)
+projections), beta 0.1, lr 5e-5, 4 pairs per optimizer step. hone runs each of these pairs in a forward
+of its own (its default for pairs that share no real prompt: learner/train.py forward_groups); TRL runs them as 4 forwards of one pair with gradient accumulation (`trl`)
 and, in bf16, as one batch of 4 (`trl-b4`). TRL runs with its defaults otherwise (reference log-probs recomputed every step, full-vocabulary
 logits). Throughput = pairs x epochs / wall time of reference + training (model load excluded).
 Results: stdout (markdown) and bench/results/dpo.json.
