@@ -12,6 +12,11 @@ writes each adapter to $HONE_HOME/adapters/<name>, where `hone eval --adapter <n
 
 Settings are hone's (docs/configuration.md), starting from the environment (HONE_*), then the
 variant's overrides. Results (data counts, training metrics, timings) go to --out as JSON lines.
+
+`--cycle N` sees the log as cycle N did when it built its pairs (runs logged before the end of its
+exploration), so a finished run's cycles can be retrained without cutting its database; `--parent
+VERSION` warm-starts from a registered adapter, as a cycle does from what served (default: a fresh
+adapter on the base model). With both, `--cycle 3 --parent hone-v1` retrains what cycle 3 trained.
 """
 
 from __future__ import annotations
@@ -40,14 +45,43 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
     return name, overrides
 
 
+def cycle_pairs_time(registry: Registry, cycle_id: int) -> float:
+    """When cycle N built its pairs: its start plus the phases before (label, collect, explore)."""
+    row = registry.get_cycle(cycle_id)
+    if row is None:
+        raise LookupError(f"no cycle {cycle_id} in {registry.path}")
+    timings = row.get("timings") or {}
+    if "pairs" not in timings:
+        raise LookupError(f"cycle {cycle_id} never built pairs (phases: {', '.join(timings) or 'none'})")
+    return row["started_at"] + sum(timings.get(p, 0.0) for p in ("label", "collect", "explore")) + 0.5
+
+
+def adapter_dir_of(registry: Registry, adapters_dir: Path, version: str) -> str:
+    """This home's copy first: in a copied HONE_HOME the registry still names the original's paths."""
+    row = registry.get_adapter(version)
+    if row is None:
+        raise LookupError(f"no adapter {version!r} in {registry.path} (hone adapters lists them)")
+    here = adapters_dir / version
+    return str(here) if (here / "adapter_config.json").exists() else row["path"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", required=True, help="NAME[:setting=value,...]")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines (default $HONE_HOME/sweep.jsonl)")
+    ap.add_argument("--cycle", type=int, default=None, help="the log as cycle N saw it when building pairs")
+    ap.add_argument("--parent", default=None, help="warm-start from this registered adapter (default: none)")
     args = ap.parse_args()
 
     base = Settings.load()
     out = args.out or base.home / "sweep.jsonl"
+    registry = Registry(base.db_path)
+    try:
+        before = None if args.cycle is None else cycle_pairs_time(registry, args.cycle)
+        parent = None if args.parent is None else adapter_dir_of(registry, base.adapters_dir, args.parent)
+    except LookupError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
     for text in args.variant:
         name, overrides = parse_variant(text)
         env = {f"HONE_{k.upper()}": v for k, v in overrides.items()}
@@ -56,16 +90,16 @@ def main() -> int:
         if adapter_dir.exists():
             print(f"sweep: {adapter_dir} exists, skipping {name}", file=sys.stderr)
             continue
-        registry = Registry(s.db_path)
         with registry.locked() as db:
-            groups = collect(db, val_fraction=s.val_fraction)
+            groups = collect(db, val_fraction=s.val_fraction, before=before)
         with TrajectoryStore(s.db_path) as store:
             built = build_pairs(store, groups, per_task=s.pairs_per_task, max_pairs=s.max_pairs,
                                 model_dir=s.model_path)
         model_dir = ensure_model(s)
         t0 = time.perf_counter()
-        result = train_adapter_isolated(model_dir, built.pairs, train_config(s), adapter_dir, progress=True)
-        row = {"name": name, "overrides": overrides, "pairs": len(built.pairs),
+        result = train_adapter_isolated(model_dir, built.pairs, train_config(s), adapter_dir, parent_adapter=parent,
+                                        progress=True)
+        row = {"name": name, "overrides": overrides, "cycle": args.cycle, "parent": args.parent, "pairs": len(built.pairs),
                "pair_tasks": len({p.group for p in built.pairs}), "excluded": built.excluded,
                "train_s": round(time.perf_counter() - t0, 1), "metrics": result.metrics, "counts": result.counts}
         with out.open("a") as f:

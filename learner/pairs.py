@@ -38,10 +38,14 @@ class Groups:
                 "labelled_runs": sum(len(v) for v in (*self.train.values(), *self.validation.values()))}
 
 
-def collect(db: sqlite_utils.Database, *, val_fraction: float, limit: int = 20_000) -> Groups:
-    """Labelled serving and exploration runs, newest first, grouped by task and split."""
+def collect(db: sqlite_utils.Database, *, val_fraction: float, limit: int = 20_000,
+            before: float | None = None) -> Groups:
+    """Labelled serving and exploration runs, newest first, grouped by task and split.
+
+    `before` (epoch seconds) sees the log as it was then: bench/sweep.py retrains a past cycle's data."""
     cur = db.execute(f"SELECT {_COLUMNS} FROM trajectories WHERE label IS NOT NULL AND source IN "
-                     f"({','.join('?' * len(TRAINING_SOURCES))}) ORDER BY id DESC LIMIT ?", [*TRAINING_SOURCES, limit])
+                     f"({','.join('?' * len(TRAINING_SOURCES))}) AND created_at < ? ORDER BY id DESC LIMIT ?",
+                     [*TRAINING_SOURCES, float("inf") if before is None else before, limit])
     names = [d[0] for d in cur.description]
     groups = Groups()
     for values in cur.fetchall():

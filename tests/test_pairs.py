@@ -317,6 +317,17 @@ def test_collect_never_puts_a_validation_key_in_train(log: Log) -> None:
     assert collect(log.db, val_fraction=VAL, limit=3).counts()["labelled_runs"] == 3
 
 
+def test_collect_before_sees_the_log_as_it_was_then(log: Log) -> None:
+    (tk,) = keys("train", 1)
+    first = log.run(tk, True)
+    later = log.run(tk, False)
+    log.label()
+    log.db.execute("UPDATE trajectories SET created_at = created_at + 100 WHERE id = ?", [later])
+    then = log.db.execute("SELECT created_at FROM trajectories WHERE id = ?", [first]).fetchone()[0] + 1
+    assert [r["id"] for r in collect(log.db, val_fraction=VAL, before=then).train[tk]] == [first]
+    assert [r["id"] for r in collect(log.db, val_fraction=VAL).train[tk]] == [later, first]
+
+
 def test_has_contrast() -> None:
     assert has_contrast([{"label": "success"}, {"label": "failure"}])
     assert not has_contrast([{"label": "success"}, {"label": "success"}])

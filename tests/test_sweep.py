@@ -1,0 +1,50 @@
+"""bench/sweep.py's view of a past cycle: when it built its pairs, and which adapter it warm-started from."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from learner.registry import Registry
+
+_spec = importlib.util.spec_from_file_location("sweep", Path(__file__).resolve().parent.parent / "bench" / "sweep.py")
+sweep = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sweep)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    r = Registry(tmp_path / "hone.db")
+    yield r
+    r.close()
+
+
+def test_a_cycle_built_its_pairs_after_labelling_collecting_and_exploring(registry: Registry) -> None:
+    cid = registry.start_cycle("manual")
+    registry.finish_cycle(cid, "rejected", timings={"label": 1.0, "collect": 2.0, "explore": 30.0, "pairs": 4.0,
+                                                    "train": 100.0})
+    started = registry.get_cycle(cid)["started_at"]
+    assert sweep.cycle_pairs_time(registry, cid) == pytest.approx(started + 33.0 + 0.5)
+
+
+def test_a_cycle_that_never_built_pairs_or_does_not_exist_is_an_error(registry: Registry) -> None:
+    cid = registry.start_cycle("manual")
+    registry.finish_cycle(cid, "skipped", timings={"label": 1.0, "collect": 2.0})
+    with pytest.raises(LookupError, match="never built pairs"):
+        sweep.cycle_pairs_time(registry, cid)
+    with pytest.raises(LookupError, match="no cycle 7"):
+        sweep.cycle_pairs_time(registry, 7)
+
+
+def test_the_parent_is_this_homes_copy_when_it_has_one(registry: Registry, tmp_path: Path) -> None:
+    original = tmp_path / "elsewhere" / "hone-v1"
+    registry.add_adapter("hone-v1", original, parent=None, cycle_id=None, train={})
+    adapters = tmp_path / "adapters"
+    assert sweep.adapter_dir_of(registry, adapters, "hone-v1") == str(original)  # no copy here: the recorded path
+    (adapters / "hone-v1").mkdir(parents=True)
+    (adapters / "hone-v1" / "adapter_config.json").write_text("{}")
+    assert sweep.adapter_dir_of(registry, adapters, "hone-v1") == str(adapters / "hone-v1")
+    with pytest.raises(LookupError, match="no adapter 'hone-v9'"):
+        sweep.adapter_dir_of(registry, adapters, "hone-v9")
