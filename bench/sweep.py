@@ -75,6 +75,9 @@ def main() -> int:
 
     base = Settings.load()
     out = args.out or base.home / "sweep.jsonl"
+    if not base.db_path.exists():  # Registry would create an empty log, and every variant would train on nothing
+        print(f"sweep: no trajectory log at {base.db_path} (set HONE_HOME to a home with one)", file=sys.stderr)
+        return 2
     registry = Registry(base.db_path)
     try:
         before = None if args.cycle is None else cycle_pairs_time(registry, args.cycle)

@@ -43,9 +43,10 @@ def collect(db: sqlite_utils.Database, *, val_fraction: float, limit: int = 20_0
     """Labelled serving and exploration runs, newest first, grouped by task and split.
 
     `before` (epoch seconds) sees the log as it was then: bench/sweep.py retrains a past cycle's data."""
+    when, params = ("", []) if before is None else (" AND created_at < ?", [before])
     cur = db.execute(f"SELECT {_COLUMNS} FROM trajectories WHERE label IS NOT NULL AND source IN "
-                     f"({','.join('?' * len(TRAINING_SOURCES))}) AND created_at < ? ORDER BY id DESC LIMIT ?",
-                     [*TRAINING_SOURCES, float("inf") if before is None else before, limit])
+                     f"({','.join('?' * len(TRAINING_SOURCES))}){when} ORDER BY id DESC LIMIT ?",
+                     [*TRAINING_SOURCES, *params, limit])
     names = [d[0] for d in cur.description]
     groups = Groups()
     for values in cur.fetchall():
