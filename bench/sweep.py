@@ -17,6 +17,8 @@ variant's overrides. Results (data counts, training metrics, timings) go to --ou
 exploration), so a finished run's cycles can be retrained without cutting its database; `--parent
 VERSION` warm-starts from a registered adapter, as a cycle does from what served (default: a fresh
 adapter on the base model). With both, `--cycle 3 --parent hone-v1` retrains what cycle 3 trained.
+`--tasks-from failed` keeps only the pairs of tasks that serving got wrong (exploration found the
+success), `solved` only those it got right (exploration found the failure): which kind teaches.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from learner.cycle import train_config  # noqa: E402
-from learner.pairs import build_pairs, collect  # noqa: E402
+from learner.labels import SUCCESS  # noqa: E402
+from learner.pairs import Groups, build_pairs, collect  # noqa: E402
 from learner.registry import Registry  # noqa: E402
 from learner.train_process import train_adapter_isolated  # noqa: E402
 from runtime.config import Settings  # noqa: E402
@@ -56,6 +59,18 @@ def cycle_pairs_time(registry: Registry, cycle_id: int) -> float:
     return row["started_at"] + sum(timings.get(p, 0.0) for p in ("label", "collect", "explore")) + 0.5
 
 
+def served_outcome(rows: list[dict]) -> str | None:
+    """'solved' if any greedy serving run of the task succeeded, 'failed' if all failed, None if unserved."""
+    labels = {r["label"] for r in rows if r["source"] == "serve"}
+    return None if not labels else "solved" if SUCCESS in labels else "failed"
+
+
+def keep_tasks(groups: Groups, outcome: str) -> Groups:
+    if outcome == "all":
+        return groups
+    return Groups({k: rows for k, rows in groups.train.items() if served_outcome(rows) == outcome}, groups.validation)
+
+
 def adapter_dir_of(registry: Registry, adapters_dir: Path, version: str) -> str:
     """This home's copy first: in a copied HONE_HOME the registry still names the original's paths."""
     row = registry.get_adapter(version)
@@ -71,6 +86,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON lines (default $HONE_HOME/sweep.jsonl)")
     ap.add_argument("--cycle", type=int, default=None, help="the log as cycle N saw it when building pairs")
     ap.add_argument("--parent", default=None, help="warm-start from this registered adapter (default: none)")
+    ap.add_argument("--tasks-from", choices=("all", "failed", "solved"), default="all",
+                    help="pairs only from tasks that serving failed / solved (default: all)")
     args = ap.parse_args()
 
     base = Settings.load()
@@ -94,7 +111,7 @@ def main() -> int:
             print(f"sweep: {adapter_dir} exists, skipping {name}", file=sys.stderr)
             continue
         with registry.locked() as db:
-            groups = collect(db, val_fraction=s.val_fraction, before=before)
+            groups = keep_tasks(collect(db, val_fraction=s.val_fraction, before=before), args.tasks_from)
         with TrajectoryStore(s.db_path) as store:
             built = build_pairs(store, groups, per_task=s.pairs_per_task, max_pairs=s.max_pairs,
                                 model_dir=s.model_path)
@@ -102,7 +119,8 @@ def main() -> int:
         t0 = time.perf_counter()
         result = train_adapter_isolated(model_dir, built.pairs, train_config(s), adapter_dir, parent_adapter=parent,
                                         progress=True)
-        row = {"name": name, "overrides": overrides, "cycle": args.cycle, "parent": args.parent, "pairs": len(built.pairs),
+        row = {"name": name, "overrides": overrides, "cycle": args.cycle, "parent": args.parent,
+               "tasks_from": args.tasks_from, "pairs": len(built.pairs),
                "pair_tasks": len({p.group for p in built.pairs}), "excluded": built.excluded,
                "train_s": round(time.perf_counter() - t0, 1), "metrics": result.metrics, "counts": result.counts}
         with out.open("a") as f:

@@ -48,3 +48,19 @@ def test_the_parent_is_this_homes_copy_when_it_has_one(registry: Registry, tmp_p
     assert sweep.adapter_dir_of(registry, adapters, "hone-v1") == str(adapters / "hone-v1")
     with pytest.raises(LookupError, match="no adapter 'hone-v9'"):
         sweep.adapter_dir_of(registry, adapters, "hone-v9")
+
+
+def test_tasks_are_kept_by_how_serving_did_not_by_what_exploration_found() -> None:
+    def row(source: str, label: str) -> dict:
+        return {"source": source, "label": label}
+    groups = sweep.Groups(train={
+        "fixed": [row("exploration", "success"), row("serve", "failure")],
+        "kept": [row("exploration", "failure"), row("serve", "success"), row("serve", "failure")],
+        "unserved": [row("exploration", "success"), row("exploration", "failure")],
+    }, validation={"v": [row("serve", "success")]})
+    assert sweep.served_outcome(groups.train["kept"]) == "solved"
+    assert sweep.served_outcome(groups.train["unserved"]) is None
+    assert list(sweep.keep_tasks(groups, "failed").train) == ["fixed"]
+    assert list(sweep.keep_tasks(groups, "solved").train) == ["kept"]
+    assert sweep.keep_tasks(groups, "all") is groups
+    assert sweep.keep_tasks(groups, "failed").validation == groups.validation
