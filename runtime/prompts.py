@@ -4,11 +4,16 @@ A 135M model makes no tool calls zero-shot; with example tool-call turns nearly 
 formed (docs/benchmarks.md). The examples are real message turns, rendered by the same chat template
 as live traffic, so the model sees exactly the format it must produce. They are prepended at model
 call time and logged with every trajectory (generated=0), never stored in the thread's history.
+
+The model copies the most recent example, so a request that names the storage or python tool gets
+that tool's closest example repeated last (`routed_example`); everything else, arithmetic included,
+gets the fixed prefix, which vLLM's prefix cache shares across requests.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 
@@ -41,26 +46,65 @@ _EXAMPLES: list[tuple[str, str, dict, str, str]] = [
 ]
 
 
+# Repeated last for a request that names the tool, chosen among that tool's by the cue words the
+# request shares with it. Only tool names route: "store" and "code" are common in arithmetic word
+# problems ("a pet store", "a door code"); "storage" is in 1 of 1,157 ASDiv-A questions and "python"
+# in none (docs/benchmarks.md). Keys and values differ from the suites' (tasks/), which measure this.
+_ROUTED: list[tuple[frozenset[str], tuple[str, str, dict, str, str]]] = [
+    (frozenset({"save", "store", "put", "remember", "keep", "write", "set", "overwrite", "replace", "update"}),
+     ("Save 4512 in storage under the key locker_code. It is my locker code.",
+      "storage", {"action": "put", "key": "locker_code", "value": "4512"}, "stored 'locker_code' (4 bytes)",
+      "I saved your locker code.")),
+    (frozenset({"get", "read", "recall", "look", "check", "tell", "retrieve", "find", "what", "forgot"}),
+     ("Read locker_code from storage. What is my locker code?",
+      "storage", {"action": "get", "key": "locker_code", "value": ""}, "4512", "Your locker code is 4512.")),
+    (frozenset(),
+     ("Use Python to find the sum of the cubes of the numbers from 1 to 20.",
+      "python", {"code": "print(sum(i ** 3 for i in range(1, 21)))"}, "44100", "The answer is 44100.")),
+]
+ROUTED_TOOLS = ("storage", "python")
+_WORD = re.compile(r"[a-z]+")
+
+
+def _example(example: tuple[str, str, dict, str, str], call_id: str) -> list[BaseMessage]:
+    question, tool, args, result, answer = example
+    return [HumanMessage(question),
+            AIMessage("", tool_calls=[{"id": call_id, "name": tool, "args": args, "type": "tool_call"}]),
+            ToolMessage(result, tool_call_id=call_id, name=tool),
+            AIMessage(answer)]
+
+
 def example_messages() -> list[BaseMessage]:
-    out: list[BaseMessage] = []
-    for i, (question, tool, args, result, answer) in enumerate(_EXAMPLES):
-        call_id = f"example_{i}"
-        out.append(HumanMessage(question))
-        out.append(AIMessage("", tool_calls=[{"id": call_id, "name": tool, "args": args, "type": "tool_call"}]))
-        out.append(ToolMessage(result, tool_call_id=call_id, name=tool))
-        out.append(AIMessage(answer))
-    return out
+    return [m for i, example in enumerate(_EXAMPLES) for m in _example(example, f"example_{i}")]
 
 
-def prompt_prefix(client_system: str | None = None, *, examples: bool = True) -> list[BaseMessage]:
-    """System prompt (+ the client's own system text, if any) and the worked examples."""
+def routed_example(request: str | None) -> tuple[str, str, dict, str, str] | None:
+    """The example to repeat last for this request, if it names exactly one routed tool: of that
+    tool's examples, the one whose cue words it uses most (ties: the first)."""
+    words = set(_WORD.findall((request or "").lower()))
+    named = words & set(ROUTED_TOOLS)
+    if len(named) != 1:
+        return None
+    (tool,) = named
+    candidates = [(len(words & cues), -i, example) for i, (cues, example) in enumerate(_ROUTED) if example[1] == tool]
+    return max(candidates, key=lambda c: c[:2])[2]
+
+
+def prompt_prefix(client_system: str | None = None, *, examples: bool = True,
+                  request: str | None = None) -> list[BaseMessage]:
+    """System prompt (+ the client's own system text, if any), the worked examples, and the example
+    routed to `request` (the latest user message) if it names the storage or python tool."""
     system = SYSTEM_PROMPT if not client_system else f"{SYSTEM_PROMPT}\n\n{client_system}"
-    return [SystemMessage(system), *(example_messages() if examples else [])]
+    if not examples:
+        return [SystemMessage(system)]
+    routed = routed_example(request)
+    last = [] if routed is None else _example(routed, "example_routed")
+    return [SystemMessage(system), *example_messages(), *last]
 
 
 def prompt_fingerprint() -> str:
     """Changes whenever the prompt changes, so trajectories from different prompts can be told apart."""
     import hashlib
 
-    blob = json.dumps([SYSTEM_PROMPT, _EXAMPLES], sort_keys=True).encode()
+    blob = json.dumps([SYSTEM_PROMPT, _EXAMPLES, [(sorted(c), e) for c, e in _ROUTED]], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]

@@ -237,3 +237,14 @@ async def test_a_failed_turn_does_not_join_the_thread(make_service) -> None:
     sent = model.calls[-1]["messages"]
     assert [m.content for m in sent if isinstance(m, HumanMessage)][-2:] == ["My name is Ann.", "What is my name?"]
     assert not any(m.type == "tool" and not m.tool_call_id.startswith("example_") for m in sent)
+
+
+async def test_the_routed_example_is_sent_and_logged_before_the_request(make_service) -> None:
+    svc, model, store = make_service([call("storage", action="get", key="pin", value=""), AIMessage("It is 7.")])
+    result = await svc.run(req("Read pin from storage. What is my PIN?"))
+    sent = model.calls[0]["messages"]
+    assert sent[-1].content == "Read pin from storage. What is my PIN?"
+    assert sent[-4].tool_calls[0]["id"] == "example_routed" and sent[-4].tool_calls[0]["args"]["action"] == "get"
+    logged = store.get(result.trajectory_id)["messages"]
+    routed = [m for m in logged if any(tc["id"] == "example_routed" for tc in m.get("tool_calls") or [])]
+    assert len(routed) == 1 and not routed[0]["generated"]
