@@ -2,7 +2,7 @@
 numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learner/cycles).
 
     label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
-    -> pairs (token-exact, drift excluded) -> train (LoRA-DPO) -> check files -> gate -> swap
+    -> pairs (token-exact, drift excluded) -> train (LoRA-DPO) -> check files -> gate -> guard -> swap
 
 With gate_candidates > 1 the last epochs' adapters are all candidates; the gate promotes the best.
 
@@ -29,7 +29,7 @@ from runtime.model import ensure_model
 from runtime.store import TrajectoryStore
 
 from . import explore as exploration
-from .gate import best_candidate, check_candidate, recorded_results, run_gates
+from .gate import best_candidate, check_candidate, recorded_results, run_gates, run_guard
 from .labels import label_all, label_totals
 from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_tasks
 from .registry import Registry
@@ -204,6 +204,18 @@ class Cycle:
             self.say(f"cycle {self.id}: gate {version} {gate['candidate_rate']:.1%} vs "
                      f"{gate['current']} {gate['current_rate']:.1%} on {gate['n_tasks']} held-out tasks"
                      + (f" (best of {len(gates)} candidates)" if len(gates) > 1 else ""))
+        if gate["promote"] and s.gate_guard_file:
+            with self.phase("guard"):
+                guard = await self.guard(version, active, model)
+                gate = {**gate, "guard": guard}
+                registry.update_cycle(self.id, gate=gate)
+                registry.update_adapter(version, gate=gate)
+            if not guard["promote"]:
+                reason = (f"guard: {version} solved {guard['candidate_successes']} of {guard['n_tasks']} guard tasks, "
+                          f"{guard['current']} {guard['current_successes']} (fixed {guard['fixed']}, broke "
+                          f"{guard['broken']}): a promoted adapter must not do worse than its parent there")
+                await self.reject_all([version], reason)
+                return self.finish("rejected", error=reason, gate=gate)
         if not gate["promote"]:
             if gate["candidate_rate"] < gate["current_rate"] + gate["margin"]:
                 reason = f"gate: {gate['candidate_rate']:.3f} < {gate['current_rate']:.3f} + margin {gate['margin']}"
@@ -222,6 +234,24 @@ class Cycle:
                 return self.finish("rejected", error=str(e), gate=gate)
             self.counts["swap"] = swap
         return self.finish("promoted", gate=gate)
+
+    async def guard(self, version: str, active: str | None, model: str) -> dict[str, Any]:
+        tasks = load_task_file(self.s.gate_guard_file)
+        known = (recorded_results(self.registry.list_cycles(limit=1000), active or "base", model, tasks)
+                 if self.s.gate_reuse else {})
+        runs = len(tasks) + len({t.key for t in tasks} - set(known))
+        done = [0]
+
+        def tick(_attempt) -> None:
+            done[0] += 1
+            self.registry.update_cycle(self.id, progress={"runs": done[0], "of": runs})
+
+        guard = await run_guard(self.runner, tasks, candidate=version, current=active, cycle_id=self.id,
+                                known_current=known, on_done=tick)
+        guard["model"] = model
+        self.say(f"cycle {self.id}: guard {version} {guard['candidate_successes']}/{guard['n_tasks']} vs "
+                 f"{guard['current']} {guard['current_successes']}/{guard['n_tasks']}")
+        return guard
 
     async def reject_all(self, versions: list[str], reason: str) -> None:
         for name in versions:

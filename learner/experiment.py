@@ -6,7 +6,7 @@
         stream the next tasks of the training pool through POST /v1/runs, with expected answers
         (verifiers label them; the served answers are "the agent's success on its own traffic")
         queue a cycle (POST /v1/learner/cycles): the background learner labels, explores, pairs,
-        trains, gates on the gate pool and hot-swaps, as in production
+        trains, gates on the gate pool, checks the guard (storage) and hot-swaps, as in production
         eval the cycle's candidate on the held-out pool and suites (promoted or not)
 
 The gate pool is the LAST `gate_tasks` of the training pool: never streamed, so never trained on,
@@ -74,7 +74,12 @@ class LoopConfig:
     heldout: Path = REPO / "bench" / "data" / "asdiv-a-heldout-200.jsonl"
     heldout_limit: int = 200
     suites: tuple[Path, ...] = (REPO / "tasks" / "storage.jsonl", REPO / "tasks" / "python.jsonl")
-    suite_limit: int = 12
+    # Whole suites: at 12 tasks, storage 2/12 -> 0/12 was a "regression" at p = 0.5 (run 21), a
+    # check that could neither pass nor fail on evidence.
+    suite_limit: int = 45
+    # The learner's guard (HONE_GATE_GUARD_FILE): storage tasks disjoint from tasks/storage.jsonl, on
+    # which a candidate must not solve fewer than its parent. None: no guard (runs 1-21).
+    guard: Path | None = REPO / "bench" / "data" / "storage-guard.jsonl"
     concurrency: int = 16  # traffic and evals; vLLM batches keep 2 cores busier at 16 than at 8
     out: Path = REPO / "bench" / "results" / "loop"
     model: str | None = None  # a prepared model directory (HONE_MODEL); default: the embedded SmolLM2
@@ -218,6 +223,11 @@ def load_pools(cfg: LoopConfig) -> tuple[list[Task], list[Task], dict[str, tuple
     pools = {"heldout": (str(cfg.heldout), heldout[: cfg.heldout_limit])}
     for path in cfg.suites:
         pools[Path(path).stem] = (str(path), load_task_file(path)[: cfg.suite_limit])
+    if cfg.guard is not None:  # read now: a bad file must fail here, not in the learner's first gate
+        guard_keys = {t.key for t in load_task_file(cfg.guard)}
+        shared = guard_keys & {t.key for _, tasks in pools.values() for t in tasks}
+        if shared:
+            raise ExperimentError(f"the guard {cfg.guard} shares task ids with the evaluated pools: {sorted(shared)[:5]}")
     overlap = {t.key for t in train_pool} & {t.key for t in pools["heldout"][1]}
     if overlap:
         raise ExperimentError(f"the held-out pool shares task ids with the training pool: {sorted(overlap)[:5]}")
@@ -255,6 +265,7 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
         **LOOP_DEFAULTS, "HONE_LEARNER_THREADS": str(usable_cores()),
         "HONE_LEARNER_ENABLED": "true", "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0",
         "HONE_VAL_FRACTION": "0", "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_TASKS": str(len(gate)),
+        "HONE_GATE_GUARD_FILE": str(cfg.guard or ""),
         **({"HONE_MODEL": cfg.model} if cfg.model else {}),
         **{k: v for k, v in os.environ.items() if k.startswith("HONE_") and k not in NOT_INHERITED},
         **cfg.server_env,

@@ -40,15 +40,17 @@ async def check_candidate(engine: Engine, version: str, path: str | Path, *, max
 
 async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, current: str | None,
                    cycle_id: int, margin: float, max_p: float = 1.0, known_current: dict[str, bool] | None = None,
-                   on_done=None) -> dict[str, Any]:
-    """`known_current`: task key -> success of the current side, measured earlier; those tasks are
+                   on_done=None, kind: str = "gate") -> dict[str, Any]:
+    """`kind` ("gate", "guard") is the runs' logged source and names their storage namespaces: two sets
+    of runs in one cycle must not share a namespace.
+    `known_current`: task key -> success of the current side, measured earlier; those tasks are
     not run again for it. `max_p` < 1 also asks for evidence: both adapters the loop promoted that
     then scored below their parent on unseen tasks had won their gates at p = 0.41 (docs/benchmarks.md)."""
     tasks = list({t.key: t for t in tasks}.values())  # a task in both the split and the file runs once
     sides = {"candidate": candidate, "current": current or "base"}
     known = {t.key: known_current[t.key] for t in tasks if known_current and t.key in known_current}
     jobs = [
-        dict(task=t, source="gate", namespace=f"gate-c{cycle_id}-{side}-{i}", adapter=version, temperature=0.0,
+        dict(task=t, source=kind, namespace=f"{kind}-c{cycle_id}-{side}-{i}", adapter=version, temperature=0.0,
              extra_metadata={"cycle_id": cycle_id, "gate_side": side})
         for side, version in sides.items() for i, t in enumerate(tasks)
         if not (side == "current" and t.key in known)
@@ -99,13 +101,24 @@ def recorded_results(cycles: list[dict[str, Any]], version: str, model: str, tas
     want = {t.key: fingerprint(t) for t in tasks}
     out: dict[str, bool] = {}
     for c in cycles:
-        gate = c.get("gate") or {}
-        if gate.get("model") != model or "results" not in gate:
-            continue
-        prints = gate.get("fingerprints") or {}
-        for side in ("candidate", "current"):
-            if gate.get(side) == version:
-                for key, ok in gate["results"].get(side, {}).items():
-                    if key in want and prints.get(key) == want[key]:
-                        out.setdefault(key, bool(ok))
+        for gate in (c.get("gate") or {}, (c.get("gate") or {}).get("guard") or {}):
+            if gate.get("model") != model or "results" not in gate:
+                continue
+            prints = gate.get("fingerprints") or {}
+            for side in ("candidate", "current"):
+                if gate.get(side) == version:
+                    for key, ok in gate["results"].get(side, {}).items():
+                        if key in want and prints.get(key) == want[key]:
+                            out.setdefault(key, bool(ok))
     return out
+
+
+async def run_guard(runner: AgentRunner, tasks: list[Task], *, candidate: str, current: str | None, cycle_id: int,
+                    known_current: dict[str, bool] | None = None, on_done=None) -> dict[str, Any]:
+    """The guard: other kinds of task (`gate_guard_file`) on which the candidate must solve at least as
+    many as what serves now. No margin and no p-value: the issue's rule is "never worse than the parent",
+    and a gate that decides on arithmetic alone let a storage loss through (docs/benchmarks.md, run 21)."""
+    guard = await run_gate(runner, tasks, candidate=candidate, current=current, cycle_id=cycle_id, margin=0.0,
+                           known_current=known_current, on_done=on_done, kind="guard")
+    guard["promote"] = guard["candidate_successes"] >= guard["current_successes"]
+    return guard

@@ -59,6 +59,10 @@ def table(result: dict[str, Any]) -> str:
         cell = f"{_pct(g['candidate_rate'])} vs {_pct(g['current_rate'])} (n={g['n_tasks']})" if g else "-"
         if g and len(g.get("candidates") or []) > 1:  # gate_candidates: every epoch's adapter, best first above
             cell += "; epochs " + ", ".join(f"{c['epoch']}: {_pct(c['candidate_rate'])}" for c in g["candidates"])
+        guard = (g or {}).get("guard")
+        if guard:  # gate_guard_file: the candidate must solve at least as many as its parent
+            cell += (f"; guard {guard['candidate_successes']}/{guard['n_tasks']} vs "
+                     f"{guard['current_successes']}/{guard['n_tasks']}")
         cells.append(cell)
         for p in pools:
             ev = evals.get(p)

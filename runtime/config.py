@@ -104,6 +104,9 @@ class Settings:
     gate_max_p: float = 0.25  # promote only if also McNemar p <= this (1.0 = off): no promotion on noise
     gate_candidates: int = 1  # adapters gated per cycle: the last N epochs'; the best one may be promoted
     gate_tasks_file: Path | None = None  # extra held-out tasks (JSONL: id, question, answer)
+    # Tasks of other kinds (say, storage) the candidate must not solve fewer of than what serves now:
+    # training on arithmetic traffic alone can cost the other tools (docs/benchmarks.md, run 21).
+    gate_guard_file: Path | None = None
     gate_reuse: bool = True  # reuse what serves now's recorded per-task gate results instead of re-running it
     swap_tolerance: float = 0.1  # max mean |vLLM - local| probe log-prob (nats) to accept a swap
     keep_adapters: int = 2  # adapters kept loaded in vLLM: the active one and its rollback target

@@ -32,12 +32,14 @@ sys.path.insert(0, str(HERE.parent))
 from learner.checks import CHECKS, check_answer, default_check, last_number  # noqa: E402
 
 STORAGE_SEED = 20240601
+STORAGE_GUARD_SEED = 20240611  # bench/data/storage-guard.jsonl: the learner gate's storage guard
 PYTHON_SEED = 20240602
 MIXED_SEED = 20240603
 SAMPLE_SEED = 0
 N_ASDIV = 60
 N_GSM8K = 40
 DEFAULT_DATA_DIR = Path("/work/shared/data")
+GUARD = HERE.parent / "bench" / "data" / "storage-guard.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,11 +206,13 @@ def recall_text(rng, desc, key) -> str:
     return rng.cycle(RECALL_TEMPLATES).format(desc=desc, key=key)
 
 
-def storage_suite() -> list[dict]:
-    rng = Rng(STORAGE_SEED)
+def storage_suite(seed: int = STORAGE_SEED, prefix: str = "storage",
+                  exclude: frozenset[tuple] = frozenset()) -> list[dict]:
+    """`exclude`: turn texts (tuples) that must not recur, so a second draw is disjoint from the first."""
+    rng = Rng(seed)
     plans = (["save_recall"] * 28) + (["two_saves"] * 7) + (["overwrite"] * 7)
     tasks: list[dict] = []
-    seen: set[tuple] = set()
+    seen: set[tuple] = set(exclude)
     i = 0
     while len(tasks) < len(plans):
         plan = plans[len(tasks)]
@@ -249,7 +253,7 @@ def storage_suite() -> list[dict]:
         if not last_turn_ok(turns[-1]["content"], answer, kind):
             continue
         seen.add(sig)
-        tasks.append({"id": f"storage-{i:03d}", "turns": turns, "answer": answer,
+        tasks.append({"id": f"{prefix}-{i:03d}", "turns": turns, "answer": answer,
                       "check": kind, "type": "storage"})
         i += 1
     return tasks
@@ -702,6 +706,10 @@ def main(argv: list[str] | None = None) -> None:
               "mixed.jsonl": mixed_suite()}
     for name, rows in suites.items():
         write_jsonl(HERE / name, rows)
+    # Disjoint from storage.jsonl (no task's turns recur), so the suite still measures what the
+    # gate's guard did not decide on.
+    suite_turns = frozenset(tuple(t["content"] for t in row["turns"]) for row in suites["storage.jsonl"])
+    write_jsonl(GUARD, storage_suite(STORAGE_GUARD_SEED, "storage-guard", suite_turns))
 
     samples = {"asdiv-a-sample.jsonl": ("asdiv-a.jsonl", N_ASDIV, "asdiv-a"),
                "gsm8k-sample.jsonl": ("gsm8k-test.jsonl", N_GSM8K, "gsm8k")}
@@ -711,7 +719,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"skipping {name}: {args.data_dir / src} not found (keeping the committed file)")
 
-    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()]
+    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()] + [GUARD]
     counts = validate(paths)
     for name, count in counts.items():
         print(f"{name}: {count} tasks")

@@ -156,3 +156,39 @@ def test_several_candidates_share_one_run_of_the_current_side_and_the_most_succe
     assert best_candidate(gates) == "hone-v2-e1"
     tie = {"hone-v3": {"candidate_successes": 2}, "hone-v3-e1": {"candidate_successes": 2}}
     assert best_candidate(tie) == "hone-v3"  # the final epoch, gated first, wins ties
+
+
+def test_the_guard_rejects_a_candidate_that_solves_one_fewer_and_its_results_are_reused_later() -> None:
+    from learner.gate import recorded_results, run_guard
+    from learner.runner import Attempt
+
+    tasks = [Task(f"file:s{i}", ({"role": "user", "content": f"s{i}"},), i, "numeric") for i in range(5)]
+    solves = {"hone-v1": {0, 1, 2}, "hone-v2": {0, 1, 3}, "hone-v3": {0, 4}}
+    ran: list[dict] = []
+
+    class Runner:
+        async def attempt_all(self, jobs, *, on_done=None):
+            ran.extend(jobs)
+            return [Attempt(j["task"], None, "ok", "", int(j["task"].key.split("s")[1]) in solves[j["adapter"]], 2)
+                    for j in jobs]
+
+    # a tie passes: fixed one, broke one is not worse
+    tie = asyncio.run(run_guard(Runner(), tasks, candidate="hone-v2", current="hone-v1", cycle_id=4))
+    assert (tie["candidate_successes"], tie["current_successes"], tie["fixed"], tie["broken"]) == (3, 3, 1, 1)
+    assert tie["promote"]
+    assert {j["source"] for j in ran} == {"guard"} and all(j["namespace"].startswith("guard-c4-") for j in ran)
+    assert len({j["namespace"] for j in ran}) == 10  # every run in a namespace of its own
+    # one fewer fails, however good the gate was: no margin and no p-value here
+    worse = asyncio.run(run_guard(Runner(), tasks, candidate="hone-v3", current="hone-v2", cycle_id=5))
+    assert (worse["candidate_successes"], worse["current_successes"]) == (2, 3) and not worse["promote"]
+    # a later cycle finds what serves now's guard results in the cycle records, beside the gate's
+    tie["model"] = "/m/smol"
+    cycles = [{"gate": {"model": "/m/smol", "candidate": "hone-v2", "current": "hone-v1", "results": {"candidate": {},
+                                                                                                 "current": {}},
+                        "guard": tie}}]
+    assert recorded_results(cycles, "hone-v2", "/m/smol", tasks) == {f"file:s{i}": i in (0, 1, 3) for i in range(5)}
+    assert recorded_results(cycles, "hone-v1", "/m/smol", tasks) == {f"file:s{i}": i in (0, 1, 2) for i in range(5)}
+    ran.clear()
+    again = asyncio.run(run_guard(Runner(), tasks, candidate="hone-v3", current="hone-v2", cycle_id=5,
+                                  known_current=recorded_results(cycles, "hone-v2", "/m/smol", tasks)))
+    assert again["current_reused"] == 5 and {j["adapter"] for j in ran} == {"hone-v3"}
