@@ -224,8 +224,8 @@ def load_pools(cfg: LoopConfig) -> tuple[list[Task], list[Task], dict[str, tuple
     for path in cfg.suites:
         pools[Path(path).stem] = (str(path), load_task_file(path)[: cfg.suite_limit])
     if cfg.guard is not None:  # read now: a bad file must fail here, not in the learner's first gate
-        guard_keys = {t.key for t in load_task_file(cfg.guard)}
-        shared = guard_keys & {t.key for _, tasks in pools.values() for t in tasks}
+        guard_ids = {t.id for t in load_task_file(cfg.guard)}
+        shared = guard_ids & {t.id for _, tasks in pools.values() for t in tasks}
         if shared:
             raise ExperimentError(f"the guard {cfg.guard} shares task ids with the evaluated pools: {sorted(shared)[:5]}")
     overlap = {t.key for t in train_pool} & {t.key for t in pools["heldout"][1]}

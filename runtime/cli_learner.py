@@ -147,6 +147,11 @@ def _print_cycle(c: dict[str, Any]) -> None:
     if c.get("candidate"):
         click.echo(f"  adapter: {c['candidate']}")
     click.echo(f"  gate:    {_gate_line(c.get('gate'))}")
+    guard = (c.get("gate") or {}).get("guard")
+    if guard:
+        click.echo(f"  guard:   {guard['candidate']} {guard['candidate_successes']}/{guard['n_tasks']} vs "
+                   f"{guard['current']} {guard['current_successes']}/{guard['n_tasks']} (fixed {guard['fixed']}, "
+                   f"broke {guard['broken']}; fewer is rejected)")
     if c.get("timings"):
         click.echo("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in c["timings"].items()))
     if c.get("counts"):

@@ -13,8 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from learner import experiment
-from learner.experiment import LOOP_DEFAULTS, ExperimentError, LoopConfig, done_promoting, learner_settings, load_pools
+from learner.experiment import (
+    LOOP_DEFAULTS, REPO, ExperimentError, LoopConfig, done_promoting, learner_settings, load_pools,
+)
 from learner.report import table, verdicts, write_report
+from learner.tasks import TaskFileError
 from runtime.cli import main
 from runtime.config import Settings
 
@@ -60,6 +63,8 @@ def test_table_and_report_files(tmp_path: Path) -> None:
     r["rows"][1]["gate"]["candidates"] = [{"version": "hone-v1", "epoch": 2, "candidate_rate": 0.5},
                                           {"version": "hone-v1-e1", "epoch": 1, "candidate_rate": 0.45}]
     assert "| 50.0% vs 40.0% (n=24); epochs 2: 50.0%, 1: 45.0% |" in table(r)  # gate_candidates > 1
+    r["rows"][1]["gate"]["guard"] = {"candidate_successes": 14, "current_successes": 13, "n_tasks": 42}
+    assert "| 50.0% vs 40.0% (n=24); epochs 2: 50.0%, 1: 45.0%; guard 14/42 vs 13/42 |" in table(r)
     text = write_report(r, tmp_path)
     assert (tmp_path / "loop.md").read_text() == text and "REACHED" not in text and "not reached" in text
     assert (tmp_path / "loop.png").is_file() == ("plot: skipped" not in text)  # skipped only without matplotlib
@@ -102,6 +107,10 @@ def test_a_users_production_token_and_host_are_not_inherited(tmp_path: Path, mon
     with pytest.raises(ExperimentError, match="stopped by the test"):
         experiment.run_experiment(LoopConfig(out=tmp_path), say=lambda m: None)
     assert seen["HONE_DPO_EPOCHS"] == "3" and "HONE_ADMIN_TOKEN" not in seen and "HONE_HOST" not in seen
+    assert seen["HONE_GATE_GUARD_FILE"] == str(REPO / "bench" / "data" / "storage-guard.jsonl")  # the default guard
+    with pytest.raises(ExperimentError, match="stopped by the test"):
+        experiment.run_experiment(LoopConfig(out=tmp_path, guard=None), say=lambda m: None)
+    assert seen["HONE_GATE_GUARD_FILE"] == ""  # no guard: the learner's setting reads "" as unset
 
 
 def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
@@ -121,6 +130,13 @@ def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
         "content": "what did I save?", "new_thread": True}], "answer": 3}) + "\n")
     with pytest.raises(ExperimentError, match="must be single-turn tasks; multi-turn: m1"):
         load_pools(LoopConfig(train_tasks=multi, heldout=held, suites=(), gate_tasks=4))
+    # the guard is read before anything starts, and must not be one of the pools it would then decide on
+    with pytest.raises(ExperimentError, match="guard .* shares task ids with the evaluated pools: \\['h1'\\]"):
+        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, guard=held))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    with pytest.raises(TaskFileError):
+        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, guard=broken))
 
 
 def test_cli_refuses_bad_settings_and_missing_files(tmp_path: Path) -> None:
@@ -130,6 +146,8 @@ def test_cli_refuses_bad_settings_and_missing_files(tmp_path: Path) -> None:
     assert out.exit_code == 2 and "at least as many --cycles" in out.output
     out = CliRunner().invoke(main, ["bench", "loop", "--heldout", str(tmp_path / "nope.jsonl")])
     assert out.exit_code == 2 and "does not exist" in out.output
+    out = CliRunner().invoke(main, ["bench", "loop", "--guard", str(REPO / "tasks" / "storage.jsonl"), "--no-guard"])
+    assert out.exit_code == 2 and "exclude each other" in out.output
 
 
 def test_heldout_questions_seen_in_training_are_dropped_before_the_limit(tmp_path: Path) -> None:
