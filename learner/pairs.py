@@ -25,7 +25,7 @@ from .tasks import Task, is_validation, task_from_trajectory, task_key
 from .types import Pair, TokenSequence
 
 TRAINING_SOURCES = ("serve", "exploration")
-_COLUMNS = "id, task_id, request_key, label, source, thread_id, metadata, request, created_at"
+_COLUMNS = "id, task_id, request_key, label, source, thread_id, metadata, request, storage_state, created_at"
 
 
 @dataclass

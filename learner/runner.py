@@ -21,6 +21,7 @@ from runtime.messages import from_openai
 from runtime.service import AgentService, RunFailed, RunRequest
 from runtime.store import TrajectoryStore
 from runtime.toolbox import ToolBox
+from tools.errors import ToolError
 
 from .checks import check_answer
 from .labels import FAILURE_STATUSES
@@ -78,6 +79,11 @@ class AgentRunner:
         (a cycle must not mistake them for model failures)."""
         steps = 0
         history: list[dict[str, Any]] = []
+        if task.storage:  # the logged run's starting state: a recall turn needs what was stored before
+            try:
+                await asyncio.to_thread(self.service.toolbox.kv.restore, namespace, task.storage)
+            except ToolError as e:  # storage limits lowered since it was recorded: this task only fails
+                return Attempt(task, None, "storage_error", str(e), False, 0)
         turns = [(list(task.messages), True)] if not task.turns else [
             ([{"role": "user", "content": t.content}], i == len(task.turns) - 1) for i, t in enumerate(task.turns)]
         for i, (messages, last) in enumerate(turns):

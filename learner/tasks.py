@@ -4,6 +4,9 @@ stateless run whose metadata carries `expected_answer`) or from a JSONL task fil
     {"id", "question", "answer", "check"?, "type"?}                                   single-turn
     {"id", "turns": [{"content", "new_thread"?}, ...], "answer", "check"?, "type"?}    multi-turn
 
+A logged run that found data in its storage namespace (`trajectories.storage_state`) carries it
+as the task's `storage`: re-runs start from a namespace holding exactly that.
+
 A multi-turn task's turns share one storage namespace; a turn with `new_thread: true` starts a new
 conversation (no history), so what it needs from earlier turns must come from storage. The answer
 is checked against the final reply of the last turn.
@@ -44,6 +47,8 @@ class Task:
     metadata: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     turns: tuple[Turn, ...] = ()  # multi-turn tasks: the user's turns, in order
     group: str | None = field(default=None, compare=False)  # for breakdowns: the file's "type" or "source"
+    # What the storage namespace held when the logged run started; a re-run starts from it.
+    storage: dict[str, str] | None = field(default=None, compare=False, hash=False)
 
     @property
     def id(self) -> str:
@@ -62,6 +67,8 @@ def fingerprint(task: Task) -> str:
     task's key is reused only while this is unchanged: a task file edited under the same ids holds
     new tasks."""
     body = [list(task.messages), [[t.content, t.new_thread] for t in task.turns], task.expected, task.check]
+    if task.storage:  # only then: fingerprints recorded before storage states existed stay valid
+        body.append(task.storage)
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -78,16 +85,22 @@ def is_validation(key: str, fraction: float) -> bool:
 def task_from_trajectory(row: dict[str, Any]) -> Task | None:
     """The task a logged run answered, if it can be asked again and checked; else None.
 
-    Thread turns are not re-runnable on their own (their history and storage state are not in the
-    request), nor are runs without an expected answer."""
+    Thread turns are not re-runnable on their own (their history is not in the request), nor are
+    runs without an expected answer, nor runs whose storage state was too large to record. A run
+    that started with data in its namespace (a recall turn) is re-run from that data."""
     if row.get("thread_id"):
         return None
     metadata = row.get("metadata") or {}
     request = row.get("request") or {}
+    state = row.get("storage_state") or {}
     if isinstance(metadata, str):
         metadata = json.loads(metadata)
     if isinstance(request, str):
         request = json.loads(request)
+    if isinstance(state, str):
+        state = json.loads(state)
+    if "omitted" in state:
+        return None
     expected = metadata.get("expected_answer")
     if expected is None:
         return None
@@ -102,7 +115,7 @@ def task_from_trajectory(row: dict[str, Any]) -> Task | None:
     if check is None or not _checkable(expected, check):
         return None
     keep = {k: v for k, v in metadata.items() if k not in ("task_id", "expected_answer", "check")}
-    return Task(task_key(row), tuple(messages), expected, check, keep)
+    return Task(task_key(row), tuple(messages), expected, check, keep, storage=state.get("kv") or None)
 
 
 def _checkable(expected: Any, check: str) -> bool:

@@ -129,6 +129,11 @@ def show_cmd(trajectory_id: str, as_json: bool, prompt: bool) -> None:
                f"tokens {t.get('prompt_tokens')}+{t.get('completion_tokens')}")
     if t.get("metadata"):
         click.echo(f"metadata {json.dumps(t['metadata'])}")
+    state = t.get("storage_state") or {}
+    if state.get("kv"):
+        click.echo(f"storage at start: {len(state['kv'])} key(s): {', '.join(sorted(state['kv']))}")
+    elif state.get("omitted"):
+        click.echo(f"storage at start: not recorded ({state['omitted']})")
     if t.get("label"):
         click.echo(f"label {t['label']} ({t.get('label_source')})")
     if t.get("error"):

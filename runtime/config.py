@@ -66,6 +66,9 @@ class Settings:
     storage_max_key_chars: int = 256
     storage_max_value_bytes: int = 65_536
     storage_max_keys: int = 1_000
+    # A run records its namespace's contents at start when they fit in this many bytes, so the
+    # learner can re-run it from the same state (a recall turn needs what an earlier turn stored).
+    storage_snapshot_max_bytes: int = 4096
 
     # Learner: triggers (a cycle starts on whichever comes first, or on demand)
     learner_enabled: bool = True  # `hone serve` starts the learner process
@@ -217,7 +220,7 @@ class Settings:
         ):
             positive(name)
         for name in ("learner_min_new_labels", "learner_interval_s", "learner_threads", "explore_attempts",
-                     "explore_budget", "dpo_nll_weight"):
+                     "explore_budget", "dpo_nll_weight", "storage_snapshot_max_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.vllm_cpu_reserved_cores != "auto" and not self.vllm_cpu_reserved_cores.isdigit():

@@ -219,5 +219,10 @@ def _m003_evals(db: sqlite_utils.Database) -> None:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (_m001_initial, _m002_learner, _m003_evals)
+def _m004_storage_state(db: sqlite_utils.Database) -> None:
+    """What the run's storage namespace held when it started, so the learner can re-run it from there."""
+    db.table("trajectories").add_column("storage_state", str)  # JSON: {"kv": {...}} or {"omitted": why}
+
+
+MIGRATIONS: tuple[Migration, ...] = (_m001_initial, _m002_learner, _m003_evals, _m004_storage_state)
 SCHEMA_VERSION = len(MIGRATIONS)

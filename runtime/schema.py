@@ -288,7 +288,7 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def decode_trajectory(row: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(row)
-    for column in ("request", "metadata"):
+    for column in ("request", "metadata", "storage_state"):
         if out.get(column) is not None:
             out[column] = json.loads(out[column])
     return out

@@ -108,13 +108,14 @@ class AgentService:
     async def run(self, req: RunRequest) -> RunResult:
         t0 = time.perf_counter()
         first_model, _ = self.resolve_model(req.adapter)
+        namespace = req.namespace or req.caller
         traj_id = await self.log.start(
             caller=req.caller, thread_id=req.thread_id, request=req.request_body, metadata=req.metadata,
             request_key=request_key(req.messages), task_id=_task_id(req.metadata), source=req.source,
-            model=self.settings.served_model_name,
+            model=self.settings.served_model_name, storage_state=await self._storage_state(namespace),
         )
         ctx = RunContext(
-            llm=self.llm, toolbox=self.toolbox, namespace=req.namespace or req.caller,
+            llm=self.llm, toolbox=self.toolbox, namespace=namespace,
             resolve_model=lambda: self.resolve_model(req.adapter),
             max_steps=req.max_steps or self.settings.max_steps,
             temperature=self.settings.temperature if req.temperature is None else req.temperature,
@@ -170,6 +171,19 @@ class AgentService:
                 await self.log.finish(traj_id, status="interrupted", messages=[], error=f"log write failed: {e!r}")
             raise RunFailed("internal", f"the run finished but could not be logged ({type(e).__name__})",
                             traj_id) from None
+
+    async def _storage_state(self, namespace: str) -> dict[str, Any] | None:
+        """The namespace's contents as the run starts: what a re-run must start from (a recall turn
+        is only re-runnable with what an earlier turn stored)."""
+        limit = self.settings.storage_snapshot_max_bytes
+        if limit <= 0:
+            return None
+        try:
+            kv = await asyncio.to_thread(self.toolbox.kv.snapshot, namespace, limit)
+        except Exception as e:  # a busy or broken kv table must not fail the user's run
+            log.warning("could not record storage state of %r: %s", namespace, e)
+            return {"omitted": f"could not be read: {type(e).__name__}"}
+        return {"kv": kv} if kv is not None else {"omitted": f"over storage_snapshot_max_bytes={limit}"}
 
     async def _invoke(self, messages: list[BaseMessage], ctx: RunContext) -> None:
         config = {"recursion_limit": 2 * ctx.max_steps + 4}

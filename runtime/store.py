@@ -118,6 +118,7 @@ class TrajectoryStore:
         task_id: str | None = None,
         source: str = "serve",
         model: str,
+        storage_state: Mapping[str, Any] | None = None,
     ) -> str:
         """Record a new 'running' trajectory and return its id.
 
@@ -149,6 +150,7 @@ class TrajectoryStore:
             "request_key": request_key, "task_id": task_id, "source": source, "request": request_text,
             "metadata": None if metadata is None else encode_json(dict(metadata), "metadata"),
             "model": model, "writer": self.writer,
+            "storage_state": None if storage_state is None else encode_json(dict(storage_state), "storage_state"),
         }
         with self._write() as db:
             db.table("trajectories").insert(row)

@@ -155,6 +155,21 @@ async def test_storage_is_namespaced_per_caller(make_service) -> None:
     assert alice.messages[2]["content"] == "4512"
 
 
+async def test_a_run_records_its_namespaces_storage_as_it_started(make_service) -> None:
+    """So the learner can re-run a recall turn from what the earlier turn stored."""
+    svc, _, store = make_service([call("storage", action="put", key="code", value="4512"), AIMessage("saved"),
+                                  AIMessage("It is 4512."), AIMessage("?"), AIMessage("off")])
+    first = await svc.run(req("remember code 4512"))
+    recall = await svc.run(req("code?"))
+    assert store.get(first.trajectory_id)["storage_state"] == {"kv": {}}  # before its own put
+    assert store.get(recall.trajectory_id)["storage_state"] == {"kv": {"code": "4512"}}
+    small, _, _ = make_service([AIMessage("?")], storage_snapshot_max_bytes=5)  # "code" + "4512" is 8 bytes
+    over = await small.run(req("code?"))
+    assert store.get(over.trajectory_id)["storage_state"] == {"omitted": "over storage_snapshot_max_bytes=5"}
+    off, _, _ = make_service([AIMessage("?")], storage_snapshot_max_bytes=0)
+    assert store.get((await off.run(req("code?"))).trajectory_id)["storage_state"] is None
+
+
 async def test_thread_continues_and_history_is_not_regenerated(make_service) -> None:
     svc, model, store = make_service([AIMessage("Hi Ann."), AIMessage("Your name is Ann.")])
     await svc.run(req("My name is Ann.", thread_id="th1"))

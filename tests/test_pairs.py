@@ -74,6 +74,21 @@ def test_task_from_trajectory_messages_request_and_json_text() -> None:
     assert t.run_metadata() == {"task_id": "req:rk", "expected_answer": "Paris", "check": "exact"}
 
 
+def test_a_run_that_found_stored_data_is_re_run_from_it() -> None:
+    from learner.tasks import fingerprint
+
+    recall = row(request={"input": "Get gym_pin from storage."}, metadata={"expected_answer": 7807},
+                 storage_state=json.dumps({"kv": {"gym_pin": "7807"}}))
+    t = task_from_trajectory(recall)
+    assert t.storage == {"gym_pin": "7807"}
+    assert task_from_trajectory({**recall, "storage_state": {"kv": {}}}).storage is None  # a fresh namespace is empty
+    assert task_from_trajectory({**recall, "storage_state": None}).storage is None  # not recorded (before v4)
+    other = task_from_trajectory({**recall, "storage_state": {"kv": {"gym_pin": "1111"}}})
+    plain = task_from_trajectory({**recall, "storage_state": None})
+    # a gate result recorded for the task from one state is not reused for another
+    assert len({fingerprint(t), fingerprint(other), fingerprint(plain)}) == 3
+
+
 @pytest.mark.parametrize("kw", [
     {"thread_id": "th1"},  # a thread turn cannot be re-run on its own
     {"metadata": {}},  # no expected answer
@@ -84,6 +99,7 @@ def test_task_from_trajectory_messages_request_and_json_text() -> None:
     {"metadata": {"expected_answer": 42, "check": "fuzzy"}},  # unknown check
     {"metadata": {"expected_answer": "Paris", "check": "numeric"}},  # would raise CheckError in the gate
     {"metadata": {"expected_answer": ""}},  # empty: every reply would "contain" it
+    {"storage_state": {"omitted": "over storage_snapshot_max_bytes=4096"}},  # its starting state is unknown
 ])
 def test_task_from_trajectory_none(kw: dict) -> None:
     assert task_from_trajectory(row(**kw)) is None

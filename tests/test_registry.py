@@ -71,9 +71,9 @@ def set_lease(reg: Registry, holder: str | None, cycle_id: int | None = None, he
 
 
 def test_registry_migrates_a_fresh_database(reg: Registry, db_path: Path) -> None:
-    assert schema.schema_version(reg.db) == SCHEMA_VERSION == 3
+    assert schema.schema_version(reg.db) == SCHEMA_VERSION == 4
     assert {"adapters", "cycles", "learner_lease", "trajectories", "active_adapter", "evals", "eval_results"} <= set(reg.db.table_names())
-    assert "labeled_at" in reg.db.table("trajectories").columns_dict
+    assert {"labeled_at", "storage_state"} <= set(reg.db.table("trajectories").columns_dict)
     assert set(reg.db.table("cycles").columns_dict) == {
         "id", "created_at", "trigger", "requested_by", "state", "phase", "started_at", "finished_at", "holder",
         "progress", "timings", "counts", "gate", "candidate", "error"}

@@ -46,6 +46,31 @@ def test_turns_share_the_namespace_and_a_new_thread_drops_the_history() -> None:
     assert r3.metadata["expected_answer"] == "blue-7" and r3.metadata["task_id"] == "file:m"
 
 
+def test_a_task_with_a_storage_state_runs_in_a_namespace_holding_exactly_it(tmp_path) -> None:
+    from tools.storage import KVStore
+
+    kv = KVStore(tmp_path / "hone.db", max_keys=2)
+    seen = {}
+
+    class Service(RecordingService):
+        toolbox = type("Box", (), {"kv": kv})()
+
+        async def run(self, req):
+            seen["state"] = kv.snapshot(req.namespace, 1000)
+            return await super().run(req)
+
+    kv.put("explore-c1-0", "leftover", "x")
+    recall = Task("req:r", ({"role": "user", "content": "what is gym_pin?"},), "7807", "numeric",
+                  storage={"gym_pin": "7807"})
+    a = asyncio.run(AgentRunner(None, Service(), None).attempt(recall, source="exploration", namespace="explore-c1-0",
+                                                                adapter=None, temperature=1.0))
+    assert seen["state"] == {"gym_pin": "7807"} and a.status == "ok"
+    too_big = Task("req:r2", recall.messages, "7807", "numeric", storage={"a": "1", "b": "2", "c": "3"})
+    a = asyncio.run(AgentRunner(None, Service(), None).attempt(too_big, source="exploration", namespace="ns2",
+                                                                adapter=None, temperature=1.0))
+    assert not a.success and a.status == "storage_error" and "limit of 2" in a.answer  # one task fails, not the batch
+
+
 def test_a_failed_earlier_turn_ends_the_attempt_as_a_failure() -> None:
     service = RecordingService(["tool_error"])
     a = _attempt(service)

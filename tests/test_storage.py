@@ -266,3 +266,34 @@ def test_concurrent_threads(db_path: Path) -> None:
     assert len(refused) == 100 and all("limit of 100 keys" in r for r in refused)
     for n in range(8):
         assert len(store.list(f"own{n}")) == 25
+
+
+def test_snapshot_and_restore_carry_a_namespaces_exact_state(store: KVStore) -> None:
+    """What a run started from is recorded (snapshot) and set up again for its re-run (restore)."""
+    store.put("user-a", "gym_pin", "7807")
+    store.put("user-a", "city", "Zürich")
+    store.put("user-b", "gym_pin", "1111")
+    state = store.snapshot("user-a", max_bytes=1000)
+    assert state == {"city": "Zürich", "gym_pin": "7807"}
+    # bytes, not characters: "city" + "Zürich" is 4 + 7, "gym_pin" + "7807" is 7 + 4
+    assert store.snapshot("user-a", max_bytes=22) == state and store.snapshot("user-a", max_bytes=21) is None
+    assert store.snapshot("empty", max_bytes=0) == {}
+
+    store.put("explore-1", "stale", "x")
+    store.restore("explore-1", state)
+    assert store.snapshot("explore-1", max_bytes=1000) == state  # replaced, not merged
+    assert store.get("user-b", "gym_pin") == "1111"  # other namespaces untouched
+    store.restore("explore-1", {})
+    assert store.list("explore-1") == []
+
+
+def test_restore_refuses_what_put_would_refuse(db_path: Path) -> None:
+    small = KVStore(db_path, max_keys=2, max_value_bytes=4)
+    with pytest.raises(ToolError, match="exceed the limit of 2"):
+        small.restore("ns", {"a": "1", "b": "2", "c": "3"})
+    with pytest.raises(ToolError, match="value too large"):
+        small.restore("ns", {"a": "12345"})
+    small.put("ns", "kept", "1")
+    with pytest.raises(ToolError, match="control characters"):
+        small.restore("ns", {"bad\nkey": "1"})
+    assert small.get("ns", "kept") == "1"  # a refused restore changes nothing

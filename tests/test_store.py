@@ -25,7 +25,7 @@ TRAJECTORY_COLUMNS = {
     "id", "created_at", "finished_at", "status", "caller", "thread_id", "request_key", "task_id", "source",
     "request", "metadata", "final_answer", "error", "model", "adapter", "n_steps", "n_tool_calls",
     "n_tool_errors", "prompt_tokens", "completion_tokens", "latency_ms", "writer", "label", "label_source",
-    "label_score", "labeled_at",
+    "label_score", "labeled_at", "storage_state",
 }
 MESSAGE_COLUMNS = {
     "trajectory_id", "idx", "role", "content", "tool_calls", "tool_call_id", "name", "is_error", "model",
@@ -82,7 +82,7 @@ def tool_run_messages() -> list[dict]:
 
 def test_schema_is_created_with_documented_columns_and_settings(db_path: Path) -> None:
     db = schema.connect(db_path)
-    assert schema.migrate(db) == schema.SCHEMA_VERSION == 3
+    assert schema.migrate(db) == schema.SCHEMA_VERSION == 4
     assert set(db["trajectories"].columns_dict) == TRAJECTORY_COLUMNS
     assert set(db["messages"].columns_dict) == MESSAGE_COLUMNS
     assert set(db["feedback"].columns_dict) == {"id", "trajectory_id", "score", "comment", "caller", "created_at"}

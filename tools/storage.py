@@ -134,6 +134,38 @@ class KVStore:
                 raise ToolError(f"storage: no key {key!r} to delete. {self._hint(db, namespace)}")
         return f"deleted {key!r}"
 
+    # ---- a namespace's whole state: recorded with a run, restored for its re-run ----
+    def snapshot(self, namespace: str, max_bytes: int) -> dict[str, str] | None:
+        """Every key and its value, or None when together they exceed max_bytes (UTF-8)."""
+        self._check_namespace(namespace)
+        with self._transaction(write=False) as db:
+            size = db.execute(
+                f"SELECT coalesce(sum(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))), 0) "
+                f"FROM {TABLE} WHERE namespace = ?", [namespace]
+            ).fetchone()[0]
+            if size > max_bytes:
+                return None
+            rows = db.execute(
+                f"SELECT key, value FROM {TABLE} WHERE namespace = ? ORDER BY key", [namespace]
+            ).fetchall()
+        return {str(k): str(v) for k, v in rows}
+
+    def restore(self, namespace: str, items: dict[str, str]) -> None:
+        """Make the namespace hold exactly `items` (what a recorded run started from)."""
+        self._check_namespace(namespace)
+        if len(items) > self.max_keys:
+            raise ToolError(f"storage: {len(items)} keys exceed the limit of {self.max_keys}")
+        for key, value in items.items():
+            self._check_key(key)
+            self._value_size(value)
+        now = _now()
+        with self._transaction(write=True) as db:
+            db.execute(f"DELETE FROM {TABLE} WHERE namespace = ?", [namespace])
+            db.conn.executemany(
+                f"INSERT INTO {TABLE} (namespace, key, value, updated_at) VALUES (?, ?, ?, ?)",
+                [(namespace, k, v, now) for k, v in items.items()],
+            )
+
     # ---- plumbing ----
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[Database]:
