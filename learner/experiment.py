@@ -33,7 +33,7 @@ import httpx
 
 from runtime.config import ConfigError, Settings
 from runtime.engine import free_port
-from runtime.evals import EvalOptions, EvalStore, run_eval
+from runtime.evals import EvalOptions, EvalStore, run_eval, turn_metadata, turn_plan
 from runtime.hardware import usable_cores
 
 from .checks import check_answer
@@ -66,6 +66,11 @@ class LoopConfig:
     # instead, and stayed below the target: `--train-tasks bench/data/mawps.jsonl` (docs/benchmarks.md).
     train_tasks: Path = REPO / "bench" / "data" / "asdiv-a-train.jsonl"
     per_cycle: int = 64  # training-pool tasks streamed before each cycle
+    # Storage traffic beside it (multi-turn: save, then recall in a new conversation), disjoint from
+    # the storage suite and the guard. Without it the learner sees only arithmetic, and its adapters
+    # lost storage (run 22: 13/42 -> 4/42). None or 0 per cycle: arithmetic only (runs 1-22).
+    storage_traffic: Path | None = REPO / "bench" / "data" / "storage-train.jsonl"
+    storage_per_cycle: int = 24
     # Taken from the end of the training pool; never streamed. 48 was too few to decide: a candidate
     # that 200 tasks of the same pool rated +3 points, the 48 rated -10 (docs/benchmarks.md).
     gate_tasks: int = 200
@@ -135,34 +140,46 @@ def serve(home: Path, env_extra: dict[str, str], timeout: float, say: Callable[[
 
 
 # ---------------------------------------------------------------- traffic, cycles, evals
-async def stream_traffic(url: str, tasks: Sequence[Task], concurrency: int) -> dict[str, Any]:
-    """Serve `tasks` as ordinary traffic with expected answers; how many the agent got right."""
+async def stream_traffic(url: str, tasks: Sequence[Task], concurrency: int, namespace: str = "traffic",
+                         transport: httpx.AsyncBaseTransport | None = None) -> dict[str, Any]:
+    """Serve `tasks` as ordinary traffic with expected answers, each task in a storage namespace of
+    its own, turn by turn as `hone eval` sends them; how many the agent got right, by task group."""
     sem = asyncio.Semaphore(concurrency)
     solved, failed_requests = 0, 0
     adapters: dict[str, int] = {}
-    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+    groups: dict[str, list[int]] = {}
+    async with httpx.AsyncClient(base_url=url, timeout=900, transport=transport) as client:
 
-        async def one(task: Task) -> None:
+        async def one(index: int, task: Task) -> None:
             nonlocal solved, failed_requests
-            body = {"messages": list(task.messages), "metadata": {"task_id": task.key, "expected_answer": task.expected,
-                                                                 "check": task.check}}
+            tally = groups.setdefault(task.group or "default", [0, 0])
+            tally[1] += 1
+            ns = f"{namespace}.{index}"
+            plan = turn_plan(task, ns)
             async with sem:
-                try:
-                    r = await client.post("/v1/runs", json=body)
-                except httpx.HTTPError:
-                    failed_requests += 1
-                    return
-            if r.status_code != 200:
-                failed_requests += 1
-                return
-            out = r.json()
-            adapters[out["adapter"] or "base"] = adapters.get(out["adapter"] or "base", 0) + 1
-            solved += out["status"] not in FAILURE_STATUSES and check_answer(out["answer"], task.expected, task.check)
+                for i, (content, thread_id) in enumerate(plan):
+                    body = {**content, "metadata": turn_metadata(task, i), "namespace": ns,
+                            **({"thread_id": thread_id} if thread_id else {})}
+                    try:
+                        r = await client.post("/v1/runs", json=body)
+                    except httpx.HTTPError:
+                        failed_requests += 1
+                        return
+                    if r.status_code != 200:
+                        failed_requests += 1
+                        return
+                    out = r.json()
+                    adapters[out["adapter"] or "base"] = adapters.get(out["adapter"] or "base", 0) + 1
+                    if out["status"] in FAILURE_STATUSES:
+                        return  # an earlier turn failed (the save never happened): so did the task
+            ok = check_answer(out["answer"], task.expected, task.check)
+            solved += ok
+            tally[0] += ok
 
-        await asyncio.gather(*(one(t) for t in tasks))
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(tasks)))
     n = len(tasks)
     return {"n": n, "solved": solved, "rate": solved / n if n else None, "failed_requests": failed_requests,
-            "served": adapters}
+            "served": adapters, "groups": {g: {"solved": s, "n": k} for g, (s, k) in sorted(groups.items())}}
 
 
 async def run_cycle(url: str, timeout: float, say: Callable[[str], None]) -> dict[str, Any]:
@@ -223,15 +240,30 @@ def load_pools(cfg: LoopConfig) -> tuple[list[Task], list[Task], dict[str, tuple
     pools = {"heldout": (str(cfg.heldout), heldout[: cfg.heldout_limit])}
     for path in cfg.suites:
         pools[Path(path).stem] = (str(path), load_task_file(path)[: cfg.suite_limit])
+    evaluated = {t.id for _, tasks in pools.values() for t in tasks}
     if cfg.guard is not None:  # read now: a bad file must fail here, not in the learner's first gate
         guard_ids = {t.id for t in load_task_file(cfg.guard)}
-        shared = guard_ids & {t.id for _, tasks in pools.values() for t in tasks}
+        shared = guard_ids & evaluated
         if shared:
             raise ExperimentError(f"the guard {cfg.guard} shares task ids with the evaluated pools: {sorted(shared)[:5]}")
+        evaluated |= guard_ids
     overlap = {t.key for t in train_pool} & {t.key for t in pools["heldout"][1]}
     if overlap:
         raise ExperimentError(f"the held-out pool shares task ids with the training pool: {sorted(overlap)[:5]}")
     return train, gate, pools
+
+
+def load_storage_traffic(cfg: LoopConfig) -> list[Task]:
+    """The storage tasks streamed beside the training pool; none must be evaluated or guard tasks."""
+    if cfg.storage_traffic is None or cfg.storage_per_cycle == 0:
+        return []
+    tasks = load_task_file(cfg.storage_traffic)
+    measured = {t.id for path in (*cfg.suites, *([cfg.guard] if cfg.guard else [])) for t in load_task_file(path)}
+    shared = {t.id for t in tasks} & measured
+    if shared:
+        raise ExperimentError(f"the storage traffic {cfg.storage_traffic} shares task ids with the suites or the "
+                              f"guard: {sorted(shared)[:5]}")
+    return tasks
 
 
 LEARNER_SETTING_PREFIXES = ("learner_", "val_", "pairs_", "max_pairs", "min_pairs", "explore_", "dpo_", "lora_",
@@ -258,6 +290,7 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     from .report import write_report
 
     train, gate, pools = load_pools(cfg)
+    storage = load_storage_traffic(cfg)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     home = cfg.out.resolve() / f"home-{stamp}"
     gate_file = home / "gate-tasks.jsonl"
@@ -292,10 +325,15 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
                     say(f"{cfg.promotions} promotion(s) reached after {k} cycle(s); stopping")
                     break
                 batch = [train[(k * cfg.per_cycle + i) % len(train)] for i in range(cfg.per_cycle)]
+                if storage:
+                    batch += [storage[(k * cfg.storage_per_cycle + i) % len(storage)]
+                              for i in range(cfg.storage_per_cycle)]
                 t0 = time.monotonic()
-                traffic = asyncio.run(stream_traffic(url, batch, cfg.concurrency))
+                traffic = asyncio.run(stream_traffic(url, batch, cfg.concurrency, namespace=f"traffic.c{k + 1}"))
                 traffic_s = time.monotonic() - t0
-                say(f"cycle {k + 1}: traffic {traffic['solved']}/{traffic['n']} solved; running the learner")
+                say(f"cycle {k + 1}: traffic {traffic['solved']}/{traffic['n']} solved ("
+                    + ", ".join(f"{g} {v['solved']}/{v['n']}" for g, v in traffic["groups"].items())
+                    + "); running the learner")
                 cycle = asyncio.run(run_cycle(url, cfg.cycle_timeout_s, say))
                 row = {"label": f"cycle {k + 1}", "cycle_id": cycle["id"], "adapter": cycle.get("candidate"),
                        "status": cycle["state"], "traffic": traffic, "traffic_s": round(traffic_s, 1),

@@ -54,7 +54,10 @@ def table(result: dict[str, Any]) -> str:
         evals = r.get("evals") or {}
         cells = [r["label"], r.get("adapter") or "base", r["status"]]
         t = r.get("traffic")
-        cells.append(f"{t['solved']}/{t['n']}" if t else "-")
+        cell = f"{t['solved']}/{t['n']}" if t else "-"
+        if t and len(t.get("groups") or {}) > 1:  # storage traffic beside the word problems
+            cell += " (" + ", ".join(f"{g} {v['solved']}/{v['n']}" for g, v in t["groups"].items()) + ")"
+        cells.append(cell)
         g = r.get("gate")
         cell = f"{_pct(g['candidate_rate'])} vs {_pct(g['current_rate'])} (n={g['n_tasks']})" if g else "-"
         if g and len(g.get("candidates") or []) > 1:  # gate_candidates: every epoch's adapter, best first above

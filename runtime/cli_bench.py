@@ -23,6 +23,10 @@ def bench_cmd() -> None:
                    "bench/data/mawps.jsonl for MAWPS)")
 @click.option("--per-cycle", type=click.IntRange(1), default=64, show_default=True,
               help="training-pool tasks served before each cycle")
+@click.option("--storage-traffic", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="storage tasks streamed beside the training pool (default bench/data/storage-train.jsonl)")
+@click.option("--storage-per-cycle", type=click.IntRange(0), default=24, show_default=True,
+              help="storage tasks streamed before each cycle (0: arithmetic traffic only, as runs 1-22)")
 @click.option("--gate-tasks", type=click.IntRange(1), default=200, show_default=True,
               help="taken from the end of the training pool for the gate; never served as traffic")
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -41,7 +45,8 @@ def bench_cmd() -> None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="results folder (default bench/results/loop)")
 @click.option("--set", "settings", multiple=True, metavar="HONE_X=V",
               help="a server/learner setting for this experiment, e.g. --set HONE_DPO_EPOCHS=3")
-def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_cycle: int, gate_tasks: int, heldout: Path | None,
+def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_cycle: int,
+             storage_traffic: Path | None, storage_per_cycle: int, gate_tasks: int, heldout: Path | None,
              heldout_limit: int, suites: tuple[Path, ...], suite_limit: int, guard: Path | None, no_guard: bool,
              concurrency: int, model: str | None, out: Path | None, settings: tuple[str, ...]) -> None:
     """Serve a fresh agent, stream training tasks through it, let the background learner run
@@ -53,14 +58,19 @@ def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_
     AVX2-only CPU (run 18); --set HONE_MAX_PAIRS=32 trains less, --heldout-limit 100 evaluates less.
     On a GPU raise --per-cycle, --heldout-limit, --suite-limit and --concurrency, and pass --model
     for a bigger model."""
+    import httpx
+
     from learner.experiment import ExperimentError, LoopConfig, run_experiment
     from learner.tasks import TaskFileError
 
     if promotions is not None and promotions > cycles:
         raise click.BadParameter(f"{promotions} promotions need at least as many --cycles (got {cycles})",
                                  param_hint="--promotions")
-    cfg = LoopConfig(cycles=cycles, promotions=promotions, per_cycle=per_cycle, gate_tasks=gate_tasks, heldout_limit=heldout_limit,
-                     suite_limit=suite_limit, concurrency=concurrency, model=model)
+    cfg = LoopConfig(cycles=cycles, promotions=promotions, per_cycle=per_cycle, storage_per_cycle=storage_per_cycle,
+                     gate_tasks=gate_tasks, heldout_limit=heldout_limit, suite_limit=suite_limit,
+                     concurrency=concurrency, model=model)
+    if storage_traffic:
+        cfg.storage_traffic = storage_traffic
     if train_tasks:
         cfg.train_tasks = train_tasks
     if heldout:
@@ -87,6 +97,10 @@ def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_
         result = run_experiment(cfg, say)
     except (ExperimentError, TaskFileError) as e:
         click.echo(f"hone: {e}", err=True)
+        sys.exit(1)
+    except httpx.HTTPError as e:  # the experiment's server died or stopped answering mid-run
+        click.echo(f"hone: lost the experiment's server ({type(e).__name__}: {e}); partial results in "
+                   f"{cfg.out / 'loop.json'}, server log under {cfg.out}/home-*/serve.log", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo(f"hone: interrupted; partial results in {cfg.out / 'loop.json'}", err=True)

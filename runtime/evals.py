@@ -233,23 +233,37 @@ async def _post_run(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str
     raise AssertionError("unreachable")
 
 
+def turn_plan(task: Task, namespace: str) -> list[tuple[dict[str, Any], str | None]]:
+    """Each turn's request content and thread id. A turn runs in a thread only if it continues the
+    previous turn or the next turn continues it. A new conversation that nothing continues runs
+    thread-less: the same prompt (a fresh thread has no history), and a run the learner can re-run."""
+    if not task.turns:
+        return [({"messages": list(task.messages)}, None)]
+    starts = [i == 0 or t.new_thread for i, t in enumerate(task.turns)]
+    plan: list[tuple[dict[str, Any], str | None]] = []
+    thread_start = 0
+    for i, t in enumerate(task.turns):
+        thread_start = i if starts[i] else thread_start
+        continued = i + 1 < len(task.turns) and not starts[i + 1]
+        plan.append(({"input": t.content}, f"{namespace}.{thread_start}" if not starts[i] or continued else None))
+    return plan
+
+
+def turn_metadata(task: Task, i: int, **extra: Any) -> dict[str, Any]:
+    """Only the last turn is checked: earlier ones get their own task id and no expected answer."""
+    if i < max(len(task.turns), 1) - 1:
+        return {**extra, "task_id": f"{task.key}#turn{i}"}
+    return {**extra, "task_id": task.key, "expected_answer": task.expected, "check": task.check}
+
+
 async def run_task(client: httpx.AsyncClient, task: Task, eval_id: str, index: int, options: EvalOptions) -> TaskResult:
     """All of a task's turns, in one storage namespace; scored on the last turn's reply."""
     namespace = f"{eval_id}.{index}"
     result = TaskResult(task.id, task.group or "default", False, "error")
-    turns: list[tuple[dict[str, Any], bool]]
-    if task.turns:
-        turns = [({"input": t.content}, i == 0 or t.new_thread) for i, t in enumerate(task.turns)]
-    else:
-        turns = [({"messages": list(task.messages)}, False)]
-    thread_id = None
-    for i, (content, new_thread) in enumerate(turns):
+    turns = turn_plan(task, namespace)
+    for i, (content, thread_id) in enumerate(turns):
         last = i == len(turns) - 1
-        metadata: dict[str, Any] = {"eval_id": eval_id, "task_id": task.key if last else f"{task.key}#turn{i}"}
-        if last:
-            metadata.update(expected_answer=task.expected, check=task.check)
-        if task.turns and new_thread:
-            thread_id = f"{namespace}.{i}"
+        metadata = turn_metadata(task, i, eval_id=eval_id)
         body: dict[str, Any] = {**content, "metadata": metadata, "source": "eval", "namespace": namespace,
                                 "temperature": options.temperature}
         if thread_id:

@@ -33,6 +33,8 @@ from learner.checks import CHECKS, check_answer, default_check, last_number  # n
 
 STORAGE_SEED = 20240601
 STORAGE_GUARD_SEED = 20240611  # bench/data/storage-guard.jsonl: the learner gate's storage guard
+STORAGE_TRAIN_SEED = 20240621  # bench/data/storage-train.jsonl: storage traffic for `hone bench loop`
+N_STORAGE_TRAIN = 126
 PYTHON_SEED = 20240602
 MIXED_SEED = 20240603
 SAMPLE_SEED = 0
@@ -40,6 +42,7 @@ N_ASDIV = 60
 N_GSM8K = 40
 DEFAULT_DATA_DIR = Path("/work/shared/data")
 GUARD = HERE.parent / "bench" / "data" / "storage-guard.jsonl"
+STORAGE_TRAIN = HERE.parent / "bench" / "data" / "storage-train.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,10 +210,11 @@ def recall_text(rng, desc, key) -> str:
 
 
 def storage_suite(seed: int = STORAGE_SEED, prefix: str = "storage",
-                  exclude: frozenset[tuple] = frozenset()) -> list[dict]:
-    """`exclude`: turn texts (tuples) that must not recur, so a second draw is disjoint from the first."""
+                  exclude: frozenset[tuple] = frozenset(), n: int = 42) -> list[dict]:
+    """`exclude`: turn texts (tuples) that must not recur, so a second draw is disjoint from the first.
+    `n` tasks in the suite's mix: 2/3 save then recall, 1/6 two saves, 1/6 overwrites."""
     rng = Rng(seed)
-    plans = (["save_recall"] * 28) + (["two_saves"] * 7) + (["overwrite"] * 7)
+    plans = (["save_recall"] * (n - 2 * (n // 6))) + (["two_saves"] * (n // 6)) + (["overwrite"] * (n // 6))
     tasks: list[dict] = []
     seen: set[tuple] = set(exclude)
     i = 0
@@ -709,7 +713,12 @@ def main(argv: list[str] | None = None) -> None:
     # Disjoint from storage.jsonl (no task's turns recur), so the suite still measures what the
     # gate's guard did not decide on.
     suite_turns = frozenset(tuple(t["content"] for t in row["turns"]) for row in suites["storage.jsonl"])
-    write_jsonl(GUARD, storage_suite(STORAGE_GUARD_SEED, "storage-guard", suite_turns))
+    guard = storage_suite(STORAGE_GUARD_SEED, "storage-guard", suite_turns)
+    write_jsonl(GUARD, guard)
+    # Storage traffic for the loop to learn from: disjoint from both the suite and the guard.
+    guard_turns = frozenset(tuple(t["content"] for t in row["turns"]) for row in guard)
+    write_jsonl(STORAGE_TRAIN, storage_suite(STORAGE_TRAIN_SEED, "storage-train", suite_turns | guard_turns,
+                                             n=N_STORAGE_TRAIN))
 
     samples = {"asdiv-a-sample.jsonl": ("asdiv-a.jsonl", N_ASDIV, "asdiv-a"),
                "gsm8k-sample.jsonl": ("gsm8k-test.jsonl", N_GSM8K, "gsm8k")}
@@ -719,7 +728,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"skipping {name}: {args.data_dir / src} not found (keeping the committed file)")
 
-    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()] + [GUARD]
+    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()] + [GUARD, STORAGE_TRAIN]
     counts = validate(paths)
     for name, count in counts.items():
         print(f"{name}: {count} tasks")

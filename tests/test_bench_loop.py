@@ -175,3 +175,47 @@ def test_loop_json_keeps_the_options_as_json_values() -> None:
     assert json.loads(json.dumps(record)) == record  # no str() fallback needed, so nothing is repr'd
     assert record["cycles"] == 4 and record["promotions"] is None
     assert record["suites"] == [str(p) for p in LoopConfig().suites] and record["heldout"].endswith("asdiv-a-heldout-200.jsonl")
+
+
+def test_storage_traffic_is_sent_turn_by_turn_and_counted_by_group() -> None:
+    """Each task in a namespace of its own; a save then a recall in a new conversation: the recall
+    runs thread-less with the expected answer (so the learner can re-run it from the stored state)."""
+    import asyncio
+
+    import httpx
+
+    from learner.tasks import Task, Turn
+
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        text = body.get("input") or body["messages"][-1]["content"]
+        answer = {"What is 6*7?": "42", "save 7807 as pin": "Saved.", "what is pin?": "It is 7807."}[text]
+        status = "tool_error" if text == "save 7807 as pin" and body["namespace"].endswith(".2") else "ok"
+        return httpx.Response(200, json={"answer": answer, "status": status, "adapter": None})
+
+    recall = Task("file:s1", (), 7807, "numeric", turns=(Turn("save 7807 as pin"), Turn("what is pin?", True)),
+                  group="storage")
+    word = Task("file:w1", ({"role": "user", "content": "What is 6*7?"},), 42, "numeric", group="asdiv-a")
+    out = asyncio.run(experiment.stream_traffic("http://loop", [word, recall, recall], 4, namespace="traffic.c1",
+                                                transport=httpx.MockTransport(handler)))
+    assert (out["solved"], out["n"]) == (2, 3)
+    assert out["groups"] == {"asdiv-a": {"solved": 1, "n": 1}, "storage": {"solved": 1, "n": 2}}
+    sent = sorted((b["namespace"], b.get("input") or "messages", "thread_id" in b, b["metadata"]["task_id"],
+                   b["metadata"].get("expected_answer")) for b in bodies)
+    assert sent == [("traffic.c1.0", "messages", False, "file:w1", 42),
+                    ("traffic.c1.1", "save 7807 as pin", False, "file:s1#turn0", None),
+                    ("traffic.c1.1", "what is pin?", False, "file:s1", 7807),
+                    ("traffic.c1.2", "save 7807 as pin", False, "file:s1#turn0", None)]  # failed save: no recall
+
+
+def test_storage_traffic_must_not_be_measured_tasks(tmp_path: Path) -> None:
+    cfg = LoopConfig()
+    tasks = experiment.load_storage_traffic(cfg)
+    assert len(tasks) == 126 and all(t.turns and t.id.startswith("storage-train-") for t in tasks)
+    assert experiment.load_storage_traffic(LoopConfig(storage_per_cycle=0)) == []
+    assert experiment.load_storage_traffic(LoopConfig(storage_traffic=None)) == []
+    with pytest.raises(ExperimentError, match="shares task ids with the suites or the guard: \\['storage-000'"):
+        experiment.load_storage_traffic(LoopConfig(storage_traffic=REPO / "tasks" / "storage.jsonl"))

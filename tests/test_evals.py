@@ -156,12 +156,12 @@ MULTI = Task("file:m", (), "blue-7", "contains",
 SINGLE = Task("file:s", ({"role": "user", "content": "6*7?"},), 42, "numeric", group="arith")
 
 
-def test_turns_share_a_namespace_new_thread_turns_start_a_thread_and_only_the_last_is_checked(store) -> None:
+def test_turns_share_a_namespace_continued_turns_share_a_thread_and_only_the_last_is_checked(store) -> None:
     server = FakeServer(lambda b: {"answer": "It is blue-7." if "what" in b.get("input", "") else "Saved 42."})
     row = _run(store, [MULTI, SINGLE], server, concurrency=1, adapter="base")
     m = [b for b in server.bodies if "input" in b]
     assert len({b["namespace"] for b in m}) == 1 and all(b["source"] == "eval" for b in server.bodies)
-    assert m[0]["thread_id"] == m[1]["thread_id"] != m[2]["thread_id"]  # turn 3 is a new conversation
+    assert m[0]["thread_id"] == m[1]["thread_id"] and "thread_id" not in m[2]  # turn 3 is a new conversation
     assert [("expected_answer" in b["metadata"]) for b in m] == [False, False, True]
     assert m[2]["metadata"]["task_id"] == "file:m" and m[0]["metadata"]["task_id"] == "file:m#turn0"
     assert all(b["adapter"] == "base" and b["temperature"] == 0.0 for b in server.bodies)
@@ -173,6 +173,19 @@ def test_turns_share_a_namespace_new_thread_turns_start_a_thread_and_only_the_la
     assert results["m"]["trajectory_ids"] == ["t1", "t2", "t3"] and results["m"]["steps"] == 6
     assert row["summary"]["by_type"].keys() == {"storage", "arith"}
     assert store.list()[0]["id"] == row["id"]
+
+
+def test_a_turn_runs_in_a_thread_only_when_a_conversation_goes_on() -> None:
+    """A new conversation nothing continues runs thread-less (the learner can re-run such a run,
+    with the storage state it recorded); one with a follow-up turn gets a thread both share."""
+    from runtime.evals import turn_plan
+
+    task = Task("file:p", (), "x", "contains", turns=(
+        Turn("a"), Turn("b", True), Turn("c"), Turn("d", True), Turn("e", True)))
+    assert [thread for _, thread in turn_plan(task, "ns")] == [None, "ns.1", "ns.1", None, None]
+    task = Task("file:q", (), "x", "contains", turns=(Turn("a"), Turn("b"), Turn("c", True)))
+    assert [thread for _, thread in turn_plan(task, "ns")] == ["ns.0", "ns.0", None]
+    assert turn_plan(SINGLE, "ns") == [({"messages": list(SINGLE.messages)}, None)]
 
 
 def test_a_failed_earlier_turn_fails_the_task_without_running_the_rest(store) -> None:
