@@ -211,9 +211,10 @@ class Cycle:
                 registry.update_cycle(self.id, gate=gate)
                 registry.update_adapter(version, gate=gate)
             if not guard["promote"]:
-                reason = (f"guard: {version} solved {guard['candidate_successes']} of {guard['n_tasks']} guard tasks, "
-                          f"{guard['current']} {guard['current_successes']} (fixed {guard['fixed']}, broke "
-                          f"{guard['broken']}): a promoted adapter must not do worse than its parent there")
+                reason = "guard: " + "; ".join(
+                    f"{name}: {version} solved {g['candidate_successes']} of {g['n']}, {guard['current']} "
+                    f"{g['current_successes']}" for name, g in guard["groups"].items() if name in guard["worse"]
+                ) + " (a promoted adapter must not do worse than its parent on any kind of guard task)"
                 await self.reject_all([version], reason)
                 return self.finish("rejected", error=reason, gate=gate)
         if not gate["promote"]:

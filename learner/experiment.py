@@ -6,7 +6,7 @@
         stream the next tasks of the training pool through POST /v1/runs, with expected answers
         (verifiers label them; the served answers are "the agent's success on its own traffic")
         queue a cycle (POST /v1/learner/cycles): the background learner labels, explores, pairs,
-        trains, gates on the gate pool, checks the guard (storage) and hot-swaps, as in production
+        trains, gates on the gate pool, checks the guard (storage, python) and hot-swaps, as in production
         eval the cycle's candidate on the held-out pool and suites (promoted or not)
 
 The gate pool is the LAST `gate_tasks` of the training pool: never streamed, so never trained on,
@@ -82,9 +82,11 @@ class LoopConfig:
     # Whole suites: at 12 tasks, storage 2/12 -> 0/12 was a "regression" at p = 0.5 (run 21), a
     # check that could neither pass nor fail on evidence.
     suite_limit: int = 45
-    # The learner's guard (HONE_GATE_GUARD_FILE): storage tasks disjoint from tasks/storage.jsonl, on
-    # which a candidate must not solve fewer than its parent. None: no guard (runs 1-21).
-    guard: Path | None = REPO / "bench" / "data" / "storage-guard.jsonl"
+    # The learner's guard (HONE_GATE_GUARD_FILE, these files joined): storage and python tasks disjoint
+    # from the suites, on which a candidate must not solve fewer of either kind than its parent.
+    # Empty: no guard (runs 1-21); runs 22-23 guarded storage only.
+    guards: tuple[Path, ...] = (REPO / "bench" / "data" / "storage-guard.jsonl",
+                                REPO / "bench" / "data" / "python-guard.jsonl")
     concurrency: int = 16  # traffic and evals; vLLM batches keep 2 cores busier at 16 than at 8
     out: Path = REPO / "bench" / "results" / "loop"
     model: str | None = None  # a prepared model directory (HONE_MODEL); default: the embedded SmolLM2
@@ -240,17 +242,24 @@ def load_pools(cfg: LoopConfig) -> tuple[list[Task], list[Task], dict[str, tuple
     pools = {"heldout": (str(cfg.heldout), heldout[: cfg.heldout_limit])}
     for path in cfg.suites:
         pools[Path(path).stem] = (str(path), load_task_file(path)[: cfg.suite_limit])
-    evaluated = {t.id for _, tasks in pools.values() for t in tasks}
-    if cfg.guard is not None:  # read now: a bad file must fail here, not in the learner's first gate
-        guard_ids = {t.id for t in load_task_file(cfg.guard)}
-        shared = guard_ids & evaluated
-        if shared:
-            raise ExperimentError(f"the guard {cfg.guard} shares task ids with the evaluated pools: {sorted(shared)[:5]}")
-        evaluated |= guard_ids
+    guard_ids = guard_task_ids(cfg)  # read now: a bad file must fail here, not in the learner's first gate
+    shared = guard_ids & {t.id for _, tasks in pools.values() for t in tasks}
+    if shared:
+        raise ExperimentError(f"the guard shares task ids with the evaluated pools: {sorted(shared)[:5]}")
     overlap = {t.key for t in train_pool} & {t.key for t in pools["heldout"][1]}
     if overlap:
         raise ExperimentError(f"the held-out pool shares task ids with the training pool: {sorted(overlap)[:5]}")
     return train, gate, pools
+
+
+def guard_task_ids(cfg: LoopConfig) -> set[str]:
+    ids: set[str] = set()
+    for path in cfg.guards:
+        these = {t.id for t in load_task_file(path)}
+        if these & ids:
+            raise ExperimentError(f"the guard files share task ids: {sorted(these & ids)[:5]} (again in {path})")
+        ids |= these
+    return ids
 
 
 def load_storage_traffic(cfg: LoopConfig) -> list[Task]:
@@ -258,7 +267,7 @@ def load_storage_traffic(cfg: LoopConfig) -> list[Task]:
     if cfg.storage_traffic is None or cfg.storage_per_cycle == 0:
         return []
     tasks = load_task_file(cfg.storage_traffic)
-    measured = {t.id for path in (*cfg.suites, *([cfg.guard] if cfg.guard else [])) for t in load_task_file(path)}
+    measured = {t.id for path in (*cfg.suites, *cfg.guards) for t in load_task_file(path)}
     shared = {t.id for t in tasks} & measured
     if shared:
         raise ExperimentError(f"the storage traffic {cfg.storage_traffic} shares task ids with the suites or the "
@@ -294,11 +303,12 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     stamp = time.strftime("%Y%m%d-%H%M%S")
     home = cfg.out.resolve() / f"home-{stamp}"
     gate_file = home / "gate-tasks.jsonl"
+    guard_file = home / "guard-tasks.jsonl"
     env = {
         **LOOP_DEFAULTS, "HONE_LEARNER_THREADS": str(usable_cores()),
         "HONE_LEARNER_ENABLED": "true", "HONE_LEARNER_MIN_NEW_LABELS": "0", "HONE_LEARNER_INTERVAL_S": "0",
         "HONE_VAL_FRACTION": "0", "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_TASKS": str(len(gate)),
-        "HONE_GATE_GUARD_FILE": str(cfg.guard or ""),
+        "HONE_GATE_GUARD_FILE": str(guard_file) if cfg.guards else "",
         **({"HONE_MODEL": cfg.model} if cfg.model else {}),
         **{k: v for k, v in os.environ.items() if k.startswith("HONE_") and k not in NOT_INHERITED},
         **cfg.server_env,
@@ -307,6 +317,8 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     home.mkdir(parents=True, exist_ok=True)
     gate_file.write_text("".join(json.dumps({"id": t.id, "question": t.messages[0]["content"], "answer": t.expected,
                                              "check": t.check}) + "\n" for t in gate))
+    if cfg.guards:
+        guard_file.write_text("".join(Path(p).read_text(encoding="utf-8").rstrip("\n") + "\n" for p in cfg.guards))
     result: dict[str, Any] = {"config": {**config_record(cfg), "server_env": env,
                                          "learner_settings": learner},
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "home": str(home), "rows": []}

@@ -116,9 +116,18 @@ def recorded_results(cycles: list[dict[str, Any]], version: str, model: str, tas
 async def run_guard(runner: AgentRunner, tasks: list[Task], *, candidate: str, current: str | None, cycle_id: int,
                     known_current: dict[str, bool] | None = None, on_done=None) -> dict[str, Any]:
     """The guard: other kinds of task (`gate_guard_file`) on which the candidate must solve at least as
-    many as what serves now. No margin and no p-value: the issue's rule is "never worse than the parent",
-    and a gate that decides on arithmetic alone let a storage loss through (docs/benchmarks.md, run 21)."""
+    many as what serves now, in every group (the tasks' `type`): a gain on storage must not pay for a
+    loss on python. No margin and no p-value: the issue's rule is "never worse than the parent", and a
+    gate that decides on arithmetic alone let a storage loss through (docs/benchmarks.md, run 21)."""
     guard = await run_gate(runner, tasks, candidate=candidate, current=current, cycle_id=cycle_id, margin=0.0,
                            known_current=known_current, on_done=on_done, kind="guard")
-    guard["promote"] = guard["candidate_successes"] >= guard["current_successes"]
+    groups: dict[str, dict[str, int]] = {}
+    for t in {t.key: t for t in tasks}.values():
+        g = groups.setdefault(t.group or "default", {"n": 0, "candidate_successes": 0, "current_successes": 0})
+        g["n"] += 1
+        g["candidate_successes"] += guard["results"]["candidate"][t.key]
+        g["current_successes"] += guard["results"]["current"][t.key]
+    guard["groups"] = dict(sorted(groups.items()))
+    guard["worse"] = [name for name, g in guard["groups"].items() if g["candidate_successes"] < g["current_successes"]]
+    guard["promote"] = not guard["worse"]
     return guard

@@ -63,9 +63,11 @@ def table(result: dict[str, Any]) -> str:
         if g and len(g.get("candidates") or []) > 1:  # gate_candidates: every epoch's adapter, best first above
             cell += "; epochs " + ", ".join(f"{c['epoch']}: {_pct(c['candidate_rate'])}" for c in g["candidates"])
         guard = (g or {}).get("guard")
-        if guard:  # gate_guard_file: the candidate must solve at least as many as its parent
-            cell += (f"; guard {guard['candidate_successes']}/{guard['n_tasks']} vs "
-                     f"{guard['current_successes']}/{guard['n_tasks']}")
+        if guard:  # gate_guard_file: the candidate must solve at least as many as its parent, per kind
+            groups = guard.get("groups") or {"": {"n": guard["n_tasks"], "candidate_successes": guard["candidate_successes"],
+                                                  "current_successes": guard["current_successes"]}}
+            cell += "; guard " + ", ".join(f"{name + ' ' if name else ''}{v['candidate_successes']}/{v['n']} vs "
+                                           f"{v['current_successes']}/{v['n']}" for name, v in groups.items())
         cells.append(cell)
         for p in pools:
             ev = evals.get(p)

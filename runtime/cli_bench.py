@@ -37,8 +37,9 @@ def bench_cmd() -> None:
               help="other suites evaluated each cycle (default tasks/storage.jsonl and tasks/python.jsonl)")
 @click.option("--suite-limit", type=click.IntRange(1), default=45, show_default=True,
               help="tasks evaluated per suite (45: all of storage and python)")
-@click.option("--guard", type=click.Path(dir_okay=False, exists=True, path_type=Path),
-              help="the learner's guard tasks (HONE_GATE_GUARD_FILE; default bench/data/storage-guard.jsonl)")
+@click.option("--guard", "guards", multiple=True, type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="the learner's guard tasks, repeatable (HONE_GATE_GUARD_FILE; default "
+                   "bench/data/storage-guard.jsonl and bench/data/python-guard.jsonl)")
 @click.option("--no-guard", is_flag=True, help="promote on the gate alone, as runs 1-21 did")
 @click.option("--concurrency", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--model", help="prepared model directory to serve (HONE_MODEL); default: the embedded SmolLM2")
@@ -47,7 +48,7 @@ def bench_cmd() -> None:
               help="a server/learner setting for this experiment, e.g. --set HONE_DPO_EPOCHS=3")
 def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_cycle: int,
              storage_traffic: Path | None, storage_per_cycle: int, gate_tasks: int, heldout: Path | None,
-             heldout_limit: int, suites: tuple[Path, ...], suite_limit: int, guard: Path | None, no_guard: bool,
+             heldout_limit: int, suites: tuple[Path, ...], suite_limit: int, guards: tuple[Path, ...], no_guard: bool,
              concurrency: int, model: str | None, out: Path | None, settings: tuple[str, ...]) -> None:
     """Serve a fresh agent, stream training tasks through it, let the background learner run
     CYCLES cycles, and after each evaluate the new candidate on a held-out pool and other suites.
@@ -77,10 +78,10 @@ def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_
         cfg.heldout = heldout
     if suites:
         cfg.suites = tuple(suites)
-    if guard and no_guard:
+    if guards and no_guard:
         raise click.BadParameter("--guard and --no-guard exclude each other", param_hint="--guard")
-    if guard or no_guard:
-        cfg.guard = guard
+    if guards or no_guard:
+        cfg.guards = tuple(guards)
     if out:
         cfg.out = out
     for item in settings:

@@ -149,9 +149,12 @@ def _print_cycle(c: dict[str, Any]) -> None:
     click.echo(f"  gate:    {_gate_line(c.get('gate'))}")
     guard = (c.get("gate") or {}).get("guard")
     if guard:
-        click.echo(f"  guard:   {guard['candidate']} {guard['candidate_successes']}/{guard['n_tasks']} vs "
-                   f"{guard['current']} {guard['current_successes']}/{guard['n_tasks']} (fixed {guard['fixed']}, "
-                   f"broke {guard['broken']}; fewer is rejected)")
+        groups = guard.get("groups") or {"all": {"n": guard["n_tasks"], "candidate_successes": guard["candidate_successes"],
+                                                 "current_successes": guard["current_successes"]}}
+        parts = ", ".join(f"{name} {g['candidate_successes']}/{g['n']} vs {g['current_successes']}/{g['n']}"
+                          for name, g in groups.items())
+        click.echo(f"  guard:   {guard['candidate']} vs {guard['current']}: {parts} (fixed {guard['fixed']}, "
+                   f"broke {guard['broken']}; fewer in any kind is rejected)")
     if c.get("timings"):
         click.echo("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in c["timings"].items()))
     if c.get("counts"):

@@ -34,6 +34,7 @@ from learner.checks import CHECKS, check_answer, default_check, last_number  # n
 STORAGE_SEED = 20240601
 STORAGE_GUARD_SEED = 20240611  # bench/data/storage-guard.jsonl: the learner gate's storage guard
 STORAGE_TRAIN_SEED = 20240621  # bench/data/storage-train.jsonl: storage traffic for `hone bench loop`
+PYTHON_GUARD_SEED = 20240612  # bench/data/python-guard.jsonl: the learner gate's python guard
 N_STORAGE_TRAIN = 126
 PYTHON_SEED = 20240602
 MIXED_SEED = 20240603
@@ -43,6 +44,7 @@ N_GSM8K = 40
 DEFAULT_DATA_DIR = Path("/work/shared/data")
 GUARD = HERE.parent / "bench" / "data" / "storage-guard.jsonl"
 STORAGE_TRAIN = HERE.parent / "bench" / "data" / "storage-train.jsonl"
+PYTHON_GUARD = HERE.parent / "bench" / "data" / "python-guard.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,9 +408,10 @@ PY_FAMILIES = [py_sum_squares, py_count_primes, py_sum_primes, py_factorial_digi
                py_kth, py_multiples, py_collatz, py_binary_ones, py_reverse]
 
 
-def python_suite() -> list[dict]:
-    rng = Rng(PYTHON_SEED)
-    tasks, seen = [], set()
+def python_suite(seed: int = PYTHON_SEED, prefix: str = "python", exclude: frozenset[str] = frozenset()) -> list[dict]:
+    """`exclude`: questions that must not recur, so a second draw is disjoint from the first."""
+    rng = Rng(seed)
+    tasks, seen = [], set(exclude)
     for _round in range(3):
         for family in PY_FAMILIES:
             while True:
@@ -418,7 +421,7 @@ def python_suite() -> list[dict]:
                 if q not in seen and not passes(q, answer, check):
                     break
             seen.add(q)
-            tasks.append({"id": f"python-{len(tasks):03d}", "question": q, "answer": answer,
+            tasks.append({"id": f"{prefix}-{len(tasks):03d}", "question": q, "answer": answer,
                           "check": check, "type": "python"})
     return tasks
 
@@ -719,6 +722,8 @@ def main(argv: list[str] | None = None) -> None:
     guard_turns = frozenset(tuple(t["content"] for t in row["turns"]) for row in guard)
     write_jsonl(STORAGE_TRAIN, storage_suite(STORAGE_TRAIN_SEED, "storage-train", suite_turns | guard_turns,
                                              n=N_STORAGE_TRAIN))
+    write_jsonl(PYTHON_GUARD, python_suite(PYTHON_GUARD_SEED, "python-guard",
+                                           frozenset(row["question"] for row in suites["python.jsonl"])))
 
     samples = {"asdiv-a-sample.jsonl": ("asdiv-a.jsonl", N_ASDIV, "asdiv-a"),
                "gsm8k-sample.jsonl": ("gsm8k-test.jsonl", N_GSM8K, "gsm8k")}
@@ -728,7 +733,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"skipping {name}: {args.data_dir / src} not found (keeping the committed file)")
 
-    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()] + [GUARD, STORAGE_TRAIN]
+    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()] + [GUARD, STORAGE_TRAIN, PYTHON_GUARD]
     counts = validate(paths)
     for name, count in counts.items():
         print(f"{name}: {count} tasks")

@@ -17,7 +17,7 @@ from learner.experiment import (
     LOOP_DEFAULTS, REPO, ExperimentError, LoopConfig, done_promoting, learner_settings, load_pools,
 )
 from learner.report import table, verdicts, write_report
-from learner.tasks import TaskFileError
+from learner.tasks import TaskFileError, load_task_file
 from runtime.cli import main
 from runtime.config import Settings
 
@@ -65,6 +65,9 @@ def test_table_and_report_files(tmp_path: Path) -> None:
     assert "| 50.0% vs 40.0% (n=24); epochs 2: 50.0%, 1: 45.0% |" in table(r)  # gate_candidates > 1
     r["rows"][1]["gate"]["guard"] = {"candidate_successes": 14, "current_successes": 13, "n_tasks": 42}
     assert "| 50.0% vs 40.0% (n=24); epochs 2: 50.0%, 1: 45.0%; guard 14/42 vs 13/42 |" in table(r)
+    r["rows"][1]["gate"]["guard"]["groups"] = {"python": {"n": 45, "candidate_successes": 0, "current_successes": 1},
+                                               "storage": {"n": 42, "candidate_successes": 14, "current_successes": 12}}
+    assert "; guard python 0/45 vs 1/45, storage 14/42 vs 12/42 |" in table(r)
     text = write_report(r, tmp_path)
     assert (tmp_path / "loop.md").read_text() == text and "REACHED" not in text and "not reached" in text
     assert (tmp_path / "loop.png").is_file() == ("plot: skipped" not in text)  # skipped only without matplotlib
@@ -107,9 +110,11 @@ def test_a_users_production_token_and_host_are_not_inherited(tmp_path: Path, mon
     with pytest.raises(ExperimentError, match="stopped by the test"):
         experiment.run_experiment(LoopConfig(out=tmp_path), say=lambda m: None)
     assert seen["HONE_DPO_EPOCHS"] == "3" and "HONE_ADMIN_TOKEN" not in seen and "HONE_HOST" not in seen
-    assert seen["HONE_GATE_GUARD_FILE"] == str(REPO / "bench" / "data" / "storage-guard.jsonl")  # the default guard
+    guard = Path(seen["HONE_GATE_GUARD_FILE"])  # the default guards, joined in the run's home
+    assert guard.parent.parent == tmp_path and guard.name == "guard-tasks.jsonl"
+    assert [t.group for t in load_task_file(guard)] == ["storage"] * 42 + ["python"] * 45
     with pytest.raises(ExperimentError, match="stopped by the test"):
-        experiment.run_experiment(LoopConfig(out=tmp_path, guard=None), say=lambda m: None)
+        experiment.run_experiment(LoopConfig(out=tmp_path, guards=()), say=lambda m: None)
     assert seen["HONE_GATE_GUARD_FILE"] == ""  # no guard: the learner's setting reads "" as unset
 
 
@@ -131,12 +136,14 @@ def test_pools_reserve_the_gate_and_refuse_overlap(tmp_path: Path) -> None:
     with pytest.raises(ExperimentError, match="must be single-turn tasks; multi-turn: m1"):
         load_pools(LoopConfig(train_tasks=multi, heldout=held, suites=(), gate_tasks=4))
     # the guard is read before anything starts, and must not be one of the pools it would then decide on
-    with pytest.raises(ExperimentError, match="guard .* shares task ids with the evaluated pools: \\['h1'\\]"):
-        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, guard=held))
+    with pytest.raises(ExperimentError, match="guard shares task ids with the evaluated pools: \\['h1'\\]"):
+        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, guards=(held,)))
+    with pytest.raises(ExperimentError, match="the guard files share task ids: \\['t0'"):
+        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, guards=(train, train)))
     broken = tmp_path / "broken.jsonl"
     broken.write_text("{not json\n")
     with pytest.raises(TaskFileError):
-        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, guard=broken))
+        load_pools(LoopConfig(train_tasks=train, heldout=held, suites=(), gate_tasks=4, guards=(broken,)))
 
 
 def test_cli_refuses_bad_settings_and_missing_files(tmp_path: Path) -> None:

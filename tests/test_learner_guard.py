@@ -55,8 +55,9 @@ def check_the_rule(cycle: dict) -> dict:
     guard = cycle["gate"]["guard"]
     assert guard["n_tasks"] == 2 and guard["candidate"] == cycle["candidate"]
     assert "guard" in cycle["timings"]
-    kept = guard["candidate_successes"] >= guard["current_successes"]
-    assert guard["promote"] is kept
+    assert list(guard["groups"]) == ["storage"]
+    kept = guard["candidate_successes"] >= guard["current_successes"]  # one kind of task: the totals decide
+    assert guard["promote"] is kept and guard["worse"] == ([] if kept else ["storage"])
     if kept:
         assert cycle["state"] == "promoted", cycle
     else:
@@ -77,8 +78,8 @@ def test_the_guard_decides_promotion_and_its_results_are_reused(server) -> None:
         assert 2 <= len(mine) <= 4, mine
     serving = first["candidate"] if first["state"] == "promoted" else "base"
     shown = hone(server, "cycles", str(first["id"]))
-    assert shown.returncode == 0 and (f"guard:   {first['candidate']} {guard['candidate_successes']}/2 vs base "
-                                      f"{guard['current_successes']}/2") in shown.stdout, shown.stdout
+    assert shown.returncode == 0 and (f"guard:   {first['candidate']} vs base: storage {guard['candidate_successes']}/2"
+                                      f" vs {guard['current_successes']}/2") in shown.stdout, shown.stdout
 
     feedback_contrast(server, TASKS[2:4])
     second = train(server)

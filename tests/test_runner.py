@@ -217,3 +217,22 @@ def test_the_guard_rejects_a_candidate_that_solves_one_fewer_and_its_results_are
     again = asyncio.run(run_guard(Runner(), tasks, candidate="hone-v3", current="hone-v2", cycle_id=5,
                                   known_current=recorded_results(cycles, "hone-v2", "/m/smol", tasks)))
     assert again["current_reused"] == 5 and {j["adapter"] for j in ran} == {"hone-v3"}
+
+
+def test_the_guard_rejects_a_loss_in_any_group_even_when_another_group_gains_more() -> None:
+    from learner.gate import run_guard
+    from learner.runner import Attempt
+
+    tasks = [Task(f"file:s{i}", ({"role": "user", "content": f"s{i}"},), i, "numeric", group="storage") for i in range(3)]
+    tasks += [Task(f"file:p{i}", ({"role": "user", "content": f"p{i}"},), i, "numeric", group="python") for i in range(2)]
+    solves = {"hone-v2": {"file:s0", "file:s1", "file:s2"}, "hone-v1": {"file:s0", "file:p0"}}
+
+    class Runner:
+        async def attempt_all(self, jobs, *, on_done=None):
+            return [Attempt(j["task"], None, "ok", "", j["task"].key in solves[j["adapter"]], 2) for j in jobs]
+
+    guard = asyncio.run(run_guard(Runner(), tasks, candidate="hone-v2", current="hone-v1", cycle_id=2))
+    assert (guard["candidate_successes"], guard["current_successes"]) == (3, 2)  # ahead overall ...
+    assert guard["groups"] == {"python": {"n": 2, "candidate_successes": 0, "current_successes": 1},
+                               "storage": {"n": 3, "candidate_successes": 3, "current_successes": 1}}
+    assert guard["worse"] == ["python"] and not guard["promote"]  # ... but python lost its one success
