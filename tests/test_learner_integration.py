@@ -142,7 +142,9 @@ def test_hone_eval_after_the_swap_runs_through_the_new_adapter_and_is_stored(ser
         assert 1 <= len(trajs) <= len(task["turns"])
         assert all(t["source"] == "eval" and t["metadata"]["eval_id"] == row["id"] for t in trajs)
         if len(trajs) == len(task["turns"]):
-            assert trajs[-1]["thread_id"] != trajs[0]["thread_id"]  # the recall turn is a new conversation
+            # the recall turn is a new conversation that nothing continues: it runs thread-less, in the
+            # task's namespace, and records what the save left there (the learner re-runs it from that)
+            assert trajs[-1]["thread_id"] is None and "kv" in trajs[-1]["storage_state"]
             assert trajs[-1]["metadata"]["expected_answer"] == task["answer"]
     # eval runs are never training data
     from learner.pairs import TRAINING_SOURCES
