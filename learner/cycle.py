@@ -35,7 +35,7 @@ from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_ta
 from .registry import Registry
 from .runner import AgentRunner, adapter_path
 from .swap import SwapError, promote
-from .tasks import load_task_file
+from .tasks import Task, load_task_file
 
 log = logging.getLogger("hone.learner")
 Say = Callable[[str], None]
@@ -131,6 +131,8 @@ class Cycle:
         if not gate_tasks:
             return self.finish("skipped", error="no held-out tasks to gate on (no verifiable validation traffic "
                                                 "and no gate_tasks_file)")
+        # read before training too: a bad guard file fails the cycle now, not after minutes of training
+        guard_tasks = load_task_file(s.gate_guard_file) if s.gate_guard_file else []
 
         active, active_path = registry.active()
         version = registry.new_version(s.adapters_dir)
@@ -204,9 +206,9 @@ class Cycle:
             self.say(f"cycle {self.id}: gate {version} {gate['candidate_rate']:.1%} vs "
                      f"{gate['current']} {gate['current_rate']:.1%} on {gate['n_tasks']} held-out tasks"
                      + (f" (best of {len(gates)} candidates)" if len(gates) > 1 else ""))
-        if gate["promote"] and s.gate_guard_file:
+        if gate["promote"] and guard_tasks:
             with self.phase("guard"):
-                guard = await self.guard(version, active, model)
+                guard = await self.guard(guard_tasks, version, active, model)
                 gate = {**gate, "guard": guard}
                 registry.update_cycle(self.id, gate=gate)
                 registry.update_adapter(version, gate=gate)
@@ -236,8 +238,7 @@ class Cycle:
             self.counts["swap"] = swap
         return self.finish("promoted", gate=gate)
 
-    async def guard(self, version: str, active: str | None, model: str) -> dict[str, Any]:
-        tasks = load_task_file(self.s.gate_guard_file)
+    async def guard(self, tasks: list[Task], version: str, active: str | None, model: str) -> dict[str, Any]:
         known = (recorded_results(self.registry.list_cycles(limit=1000), active or "base", model, tasks)
                  if self.s.gate_reuse else {})
         runs = len(tasks) + len({t.key for t in tasks} - set(known))

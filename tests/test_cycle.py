@@ -9,9 +9,12 @@ import threading
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from learner import worker
 from learner.cycle import Cycle
 from learner.registry import Registry
+from learner.tasks import TaskFileError
 from learner.train import TrainingError
 from learner.types import Pair, TokenSequence
 from runtime.config import Settings
@@ -55,6 +58,30 @@ def run_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> dict:
         reg.close()
     assert "train" not in cycle["timings"] and list(settings.adapters_dir.iterdir()) == []
     return cycle
+
+
+def test_a_bad_guard_file_fails_the_cycle_before_training(tmp_path: Path, monkeypatch) -> None:
+    """Found after training, it would cost minutes; the reason names the file and line."""
+    gate_file = tmp_path / "gate.jsonl"
+    gate_file.write_text('{"id": "g1", "question": "1+1?", "answer": 2}\n')
+    guard_file = tmp_path / "guard.jsonl"
+    guard_file.write_text('{"id": "s1", "question": "recall?"}\n')  # no answer
+    settings = Settings.load(env={"HONE_HOME": str(tmp_path / "home"), "HONE_MIN_PAIRS": "1",
+                                  "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_GUARD_FILE": str(guard_file)})
+    settings.ensure_dirs()
+    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: SimpleNamespace(pairs=[pair("t1", 100)], excluded={}))
+
+    def no_training(*a, **k):
+        raise AssertionError("trained a candidate before reading the guard")
+
+    monkeypatch.setattr("learner.train_process.train_adapter_isolated", no_training)
+    reg = Registry(settings.db_path)
+    try:
+        cid = reg.start_cycle("manual")
+        with pytest.raises(TaskFileError, match=f"{guard_file}:1: missing answer"):
+            asyncio.run(Cycle(settings, reg, runner=None, cycle_id=cid).run())
+    finally:
+        reg.close()
 
 
 def test_cancelling_a_cycle_mid_training_stops_the_training(tmp_path: Path, monkeypatch) -> None:
