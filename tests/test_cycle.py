@@ -39,8 +39,8 @@ def pair(group: str, length: int) -> Pair:
     return Pair(TokenSequence((1,) * length, (0,) + (1,) * (length - 1)), TokenSequence((1,) * 50, (0,) + (1,) * 49), group)
 
 
-def run_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> dict:
-    """Runs a cycle that must end skipped before it trains; returns its record."""
+def untrained_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> tuple[Registry, Cycle]:
+    """A cycle whose pair building returns `pairs` and which fails the test if it trains."""
     settings.ensure_dirs()
     built = SimpleNamespace(pairs=pairs, excluded={})
     monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: built)
@@ -50,14 +50,19 @@ def run_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> dict:
 
     monkeypatch.setattr("learner.train_process.train_adapter_isolated", no_training)
     reg = Registry(settings.db_path)
+    return reg, Cycle(settings, reg, runner=None, cycle_id=reg.start_cycle("manual"))
+
+
+def run_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> dict:
+    """Runs a cycle that must end skipped before it trains; returns its record."""
+    reg, cycle = untrained_cycle(settings, monkeypatch, pairs=pairs)
     try:
-        cid = reg.start_cycle("manual")
-        assert asyncio.run(Cycle(settings, reg, runner=None, cycle_id=cid).run()) == "skipped"
-        cycle = reg.get_cycle(cid)
+        assert asyncio.run(cycle.run()) == "skipped"
+        record = reg.get_cycle(cycle.id)
     finally:
         reg.close()
-    assert "train" not in cycle["timings"] and list(settings.adapters_dir.iterdir()) == []
-    return cycle
+    assert "train" not in record["timings"] and list(settings.adapters_dir.iterdir()) == []
+    return record
 
 
 def test_a_bad_guard_file_fails_the_cycle_before_training(tmp_path: Path, monkeypatch) -> None:
@@ -68,18 +73,10 @@ def test_a_bad_guard_file_fails_the_cycle_before_training(tmp_path: Path, monkey
     guard_file.write_text('{"id": "s1", "question": "recall?"}\n')  # no answer
     settings = Settings.load(env={"HONE_HOME": str(tmp_path / "home"), "HONE_MIN_PAIRS": "1",
                                   "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_GUARD_FILE": str(guard_file)})
-    settings.ensure_dirs()
-    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: SimpleNamespace(pairs=[pair("t1", 100)], excluded={}))
-
-    def no_training(*a, **k):
-        raise AssertionError("trained a candidate before reading the guard")
-
-    monkeypatch.setattr("learner.train_process.train_adapter_isolated", no_training)
-    reg = Registry(settings.db_path)
+    reg, cycle = untrained_cycle(settings, monkeypatch, pairs=[pair("t1", 100)])
     try:
-        cid = reg.start_cycle("manual")
         with pytest.raises(TaskFileError, match=f"{guard_file}:1: missing answer"):
-            asyncio.run(Cycle(settings, reg, runner=None, cycle_id=cid).run())
+            asyncio.run(cycle.run())
     finally:
         reg.close()
 
