@@ -113,6 +113,12 @@ def recorded_results(cycles: list[dict[str, Any]], version: str, model: str, tas
     return out
 
 
+def guard_counts(guard: dict[str, Any], unnamed: str = "all") -> dict[str, dict[str, int]]:
+    """Successes per kind of guard task; a guard recorded before per-kind counts (run 23) as one kind."""
+    return guard.get("groups") or {unnamed: {"n": guard["n_tasks"], "candidate_successes": guard["candidate_successes"],
+                                             "current_successes": guard["current_successes"]}}
+
+
 async def run_guard(runner: AgentRunner, tasks: list[Task], *, candidate: str, current: str | None, cycle_id: int,
                     known_current: dict[str, bool] | None = None, on_done=None) -> dict[str, Any]:
     """The guard: other kinds of task (`gate_guard_file`) on which the candidate must solve at least as

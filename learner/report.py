@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .gate import guard_counts
+
 
 # The learner settings loop.md names: those runs were compared on (docs/benchmarks.md).
 REPORTED_SETTINGS = ("pairs_per_task", "max_pairs", "explore_budget", "dpo_beta", "dpo_lr", "dpo_epochs",
@@ -64,8 +66,7 @@ def table(result: dict[str, Any]) -> str:
             cell += "; epochs " + ", ".join(f"{c['epoch']}: {_pct(c['candidate_rate'])}" for c in g["candidates"])
         guard = (g or {}).get("guard")
         if guard:  # gate_guard_file: the candidate must solve at least as many as its parent, per kind
-            groups = guard.get("groups") or {"": {"n": guard["n_tasks"], "candidate_successes": guard["candidate_successes"],
-                                                  "current_successes": guard["current_successes"]}}
+            groups = guard_counts(guard, unnamed="")
             cell += "; guard " + ", ".join(f"{name + ' ' if name else ''}{v['candidate_successes']}/{v['n']} vs "
                                            f"{v['current_successes']}/{v['n']}" for name, v in groups.items())
         cells.append(cell)

@@ -149,10 +149,10 @@ def _print_cycle(c: dict[str, Any]) -> None:
     click.echo(f"  gate:    {_gate_line(c.get('gate'))}")
     guard = (c.get("gate") or {}).get("guard")
     if guard:
-        groups = guard.get("groups") or {"all": {"n": guard["n_tasks"], "candidate_successes": guard["candidate_successes"],
-                                                 "current_successes": guard["current_successes"]}}
+        from learner.gate import guard_counts
+
         parts = ", ".join(f"{name} {g['candidate_successes']}/{g['n']} vs {g['current_successes']}/{g['n']}"
-                          for name, g in groups.items())
+                          for name, g in guard_counts(guard).items())
         click.echo(f"  guard:   {guard['candidate']} vs {guard['current']}: {parts} (fixed {guard['fixed']}, "
                    f"broke {guard['broken']}; fewer in any kind is rejected)")
     if c.get("timings"):
