@@ -71,6 +71,11 @@ class LoopConfig:
     # lost storage (run 22: 13/42 -> 4/42). None or 0 per cycle: arithmetic only (runs 1-22).
     storage_traffic: Path | None = REPO / "bench" / "data" / "storage-train.jsonl"
     storage_per_cycle: int = 24
+    # Python traffic likewise (single-turn, verifiable), disjoint from the python suite and guard. The
+    # base solves about 1 in 45 python tasks, and with no python traffic the learner could only lose
+    # that one (run 23: 1/45 -> 0/45); with it, exploration can find the rare success to learn from.
+    python_traffic: Path | None = REPO / "bench" / "data" / "python-train.jsonl"
+    python_per_cycle: int = 16
     # Taken from the end of the training pool; never streamed. 48 was too few to decide: a candidate
     # that 200 tasks of the same pool rated +3 points, the 48 rated -10 (docs/benchmarks.md).
     gate_tasks: int = 200
@@ -262,17 +267,21 @@ def guard_task_ids(cfg: LoopConfig) -> set[str]:
     return ids
 
 
-def load_storage_traffic(cfg: LoopConfig) -> list[Task]:
-    """The storage tasks streamed beside the training pool; none must be evaluated or guard tasks."""
-    if cfg.storage_traffic is None or cfg.storage_per_cycle == 0:
+def load_side_traffic(cfg: LoopConfig, path: Path | None, per_cycle: int) -> list[Task]:
+    """Storage or python tasks streamed beside the training pool; none may be evaluated or guard tasks."""
+    if path is None or per_cycle == 0:
         return []
-    tasks = load_task_file(cfg.storage_traffic)
-    measured = {t.id for path in (*cfg.suites, *cfg.guards) for t in load_task_file(path)}
+    tasks = load_task_file(path)
+    measured = {t.id for p in (*cfg.suites, *cfg.guards) for t in load_task_file(p)}
     shared = {t.id for t in tasks} & measured
     if shared:
-        raise ExperimentError(f"the storage traffic {cfg.storage_traffic} shares task ids with the suites or the "
-                              f"guard: {sorted(shared)[:5]}")
+        raise ExperimentError(f"the traffic {path} shares task ids with the suites or the guard: {sorted(shared)[:5]}")
     return tasks
+
+
+def traffic_batch(k: int, pools: Sequence[tuple[list[Task], int]]) -> list[Task]:
+    """Cycle k's traffic: the next `per_cycle` tasks of each pool, wrapping around when one runs out."""
+    return [tasks[(k * per_cycle + i) % len(tasks)] for tasks, per_cycle in pools if tasks for i in range(per_cycle)]
 
 
 LEARNER_SETTING_PREFIXES = ("learner_", "val_", "pairs_", "max_pairs", "min_pairs", "explore_", "dpo_", "lora_",
@@ -299,7 +308,8 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
     from .report import write_report
 
     train, gate, pools = load_pools(cfg)
-    storage = load_storage_traffic(cfg)
+    side = [(load_side_traffic(cfg, cfg.storage_traffic, cfg.storage_per_cycle), cfg.storage_per_cycle),
+            (load_side_traffic(cfg, cfg.python_traffic, cfg.python_per_cycle), cfg.python_per_cycle)]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     home = cfg.out.resolve() / f"home-{stamp}"
     gate_file = home / "gate-tasks.jsonl"
@@ -336,10 +346,7 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
                 if done_promoting(result["rows"], cfg.promotions):
                     say(f"{cfg.promotions} promotion(s) reached after {k} cycle(s); stopping")
                     break
-                batch = [train[(k * cfg.per_cycle + i) % len(train)] for i in range(cfg.per_cycle)]
-                if storage:
-                    batch += [storage[(k * cfg.storage_per_cycle + i) % len(storage)]
-                              for i in range(cfg.storage_per_cycle)]
+                batch = traffic_batch(k, [(train, cfg.per_cycle), *side])
                 t0 = time.monotonic()
                 traffic = asyncio.run(stream_traffic(url, batch, cfg.concurrency, namespace=f"traffic.c{k + 1}"))
                 traffic_s = time.monotonic() - t0

@@ -26,7 +26,11 @@ def bench_cmd() -> None:
 @click.option("--storage-traffic", type=click.Path(dir_okay=False, exists=True, path_type=Path),
               help="storage tasks streamed beside the training pool (default bench/data/storage-train.jsonl)")
 @click.option("--storage-per-cycle", type=click.IntRange(0), default=24, show_default=True,
-              help="storage tasks streamed before each cycle (0: arithmetic traffic only, as runs 1-22)")
+              help="storage tasks streamed before each cycle (0: none, as runs 1-22)")
+@click.option("--python-traffic", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="python tasks streamed beside the training pool (default bench/data/python-train.jsonl)")
+@click.option("--python-per-cycle", type=click.IntRange(0), default=16, show_default=True,
+              help="python tasks streamed before each cycle (0: none, as runs 1-23)")
 @click.option("--gate-tasks", type=click.IntRange(1), default=200, show_default=True,
               help="taken from the end of the training pool for the gate; never served as traffic")
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -47,7 +51,8 @@ def bench_cmd() -> None:
 @click.option("--set", "settings", multiple=True, metavar="HONE_X=V",
               help="a server/learner setting for this experiment, e.g. --set HONE_DPO_EPOCHS=3")
 def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_cycle: int,
-             storage_traffic: Path | None, storage_per_cycle: int, gate_tasks: int, heldout: Path | None,
+             storage_traffic: Path | None, storage_per_cycle: int, python_traffic: Path | None,
+             python_per_cycle: int, gate_tasks: int, heldout: Path | None,
              heldout_limit: int, suites: tuple[Path, ...], suite_limit: int, guards: tuple[Path, ...], no_guard: bool,
              concurrency: int, model: str | None, out: Path | None, settings: tuple[str, ...]) -> None:
     """Serve a fresh agent, stream training tasks through it, let the background learner run
@@ -68,10 +73,13 @@ def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_
         raise click.BadParameter(f"{promotions} promotions need at least as many --cycles (got {cycles})",
                                  param_hint="--promotions")
     cfg = LoopConfig(cycles=cycles, promotions=promotions, per_cycle=per_cycle, storage_per_cycle=storage_per_cycle,
+                     python_per_cycle=python_per_cycle,
                      gate_tasks=gate_tasks, heldout_limit=heldout_limit, suite_limit=suite_limit,
                      concurrency=concurrency, model=model)
     if storage_traffic:
         cfg.storage_traffic = storage_traffic
+    if python_traffic:
+        cfg.python_traffic = python_traffic
     if train_tasks:
         cfg.train_tasks = train_tasks
     if heldout:

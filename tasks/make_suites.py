@@ -35,6 +35,8 @@ STORAGE_SEED = 20240601
 STORAGE_GUARD_SEED = 20240611  # bench/data/storage-guard.jsonl: the learner gate's storage guard
 STORAGE_TRAIN_SEED = 20240621  # bench/data/storage-train.jsonl: storage traffic for `hone bench loop`
 PYTHON_GUARD_SEED = 20240612  # bench/data/python-guard.jsonl: the learner gate's python guard
+PYTHON_TRAIN_SEED = 20240622  # bench/data/python-train.jsonl: python traffic for `hone bench loop`
+N_PYTHON_TRAIN_ROUNDS = 6  # one task per family a round: 90 tasks
 N_STORAGE_TRAIN = 126
 PYTHON_SEED = 20240602
 MIXED_SEED = 20240603
@@ -45,6 +47,7 @@ DEFAULT_DATA_DIR = Path("/work/shared/data")
 GUARD = HERE.parent / "bench" / "data" / "storage-guard.jsonl"
 STORAGE_TRAIN = HERE.parent / "bench" / "data" / "storage-train.jsonl"
 PYTHON_GUARD = HERE.parent / "bench" / "data" / "python-guard.jsonl"
+PYTHON_TRAIN = HERE.parent / "bench" / "data" / "python-train.jsonl"
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,11 +411,12 @@ PY_FAMILIES = [py_sum_squares, py_count_primes, py_sum_primes, py_factorial_digi
                py_kth, py_multiples, py_collatz, py_binary_ones, py_reverse]
 
 
-def python_suite(seed: int = PYTHON_SEED, prefix: str = "python", exclude: frozenset[str] = frozenset()) -> list[dict]:
+def python_suite(seed: int = PYTHON_SEED, prefix: str = "python", exclude: frozenset[str] = frozenset(),
+                 rounds: int = 3) -> list[dict]:
     """`exclude`: questions that must not recur, so a second draw is disjoint from the first."""
     rng = Rng(seed)
     tasks, seen = [], set(exclude)
-    for _round in range(3):
+    for _round in range(rounds):
         for family in PY_FAMILIES:
             while True:
                 q, answer = family(rng)
@@ -722,8 +726,12 @@ def main(argv: list[str] | None = None) -> None:
     guard_turns = frozenset(tuple(t["content"] for t in row["turns"]) for row in guard)
     write_jsonl(STORAGE_TRAIN, storage_suite(STORAGE_TRAIN_SEED, "storage-train", suite_turns | guard_turns,
                                              n=N_STORAGE_TRAIN))
-    write_jsonl(PYTHON_GUARD, python_suite(PYTHON_GUARD_SEED, "python-guard",
-                                           frozenset(row["question"] for row in suites["python.jsonl"])))
+    suite_questions = frozenset(row["question"] for row in suites["python.jsonl"])
+    python_guard = python_suite(PYTHON_GUARD_SEED, "python-guard", suite_questions)
+    write_jsonl(PYTHON_GUARD, python_guard)
+    write_jsonl(PYTHON_TRAIN, python_suite(PYTHON_TRAIN_SEED, "python-train",
+                                           suite_questions | {row["question"] for row in python_guard},
+                                           rounds=N_PYTHON_TRAIN_ROUNDS))
 
     samples = {"asdiv-a-sample.jsonl": ("asdiv-a.jsonl", N_ASDIV, "asdiv-a"),
                "gsm8k-sample.jsonl": ("gsm8k-test.jsonl", N_GSM8K, "gsm8k")}
@@ -733,7 +741,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"skipping {name}: {args.data_dir / src} not found (keeping the committed file)")
 
-    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()] + [GUARD, STORAGE_TRAIN, PYTHON_GUARD]
+    paths = [HERE / name for name in [*suites, *samples] if (HERE / name).is_file()] + [GUARD, STORAGE_TRAIN, PYTHON_GUARD, PYTHON_TRAIN]
     counts = validate(paths)
     for name, count in counts.items():
         print(f"{name}: {count} tasks")

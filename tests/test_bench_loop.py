@@ -218,11 +218,24 @@ def test_storage_traffic_is_sent_turn_by_turn_and_counted_by_group() -> None:
                     ("traffic.c1.2", "save 7807 as pin", False, "file:s1#turn0", None)]  # failed save: no recall
 
 
-def test_storage_traffic_must_not_be_measured_tasks(tmp_path: Path) -> None:
+def test_side_traffic_must_not_be_measured_tasks(tmp_path: Path) -> None:
     cfg = LoopConfig()
-    tasks = experiment.load_storage_traffic(cfg)
-    assert len(tasks) == 126 and all(t.turns and t.id.startswith("storage-train-") for t in tasks)
-    assert experiment.load_storage_traffic(LoopConfig(storage_per_cycle=0)) == []
-    assert experiment.load_storage_traffic(LoopConfig(storage_traffic=None)) == []
+    storage = experiment.load_side_traffic(cfg, cfg.storage_traffic, cfg.storage_per_cycle)
+    assert len(storage) == 126 and all(t.turns and t.id.startswith("storage-train-") for t in storage)
+    python = experiment.load_side_traffic(cfg, cfg.python_traffic, cfg.python_per_cycle)
+    assert len(python) == 90 and all(t.group == "python" and t.id.startswith("python-train-") for t in python)
+    measured = {t.messages[0]["content"] for p in (*cfg.suites, *cfg.guards) for t in load_task_file(p) if not t.turns}
+    assert not measured & {t.messages[0]["content"] for t in python}  # disjoint by question, not only by id
+    assert experiment.load_side_traffic(cfg, cfg.storage_traffic, 0) == []
+    assert experiment.load_side_traffic(cfg, None, 24) == []
     with pytest.raises(ExperimentError, match="shares task ids with the suites or the guard: \\['storage-000'"):
-        experiment.load_storage_traffic(LoopConfig(storage_traffic=REPO / "tasks" / "storage.jsonl"))
+        experiment.load_side_traffic(cfg, REPO / "tasks" / "storage.jsonl", 24)
+    with pytest.raises(ExperimentError, match="shares task ids with the suites or the guard: \\['python-guard-000'"):
+        experiment.load_side_traffic(cfg, REPO / "bench" / "data" / "python-guard.jsonl", 16)
+
+
+def test_each_cycle_takes_the_next_slice_of_every_pool_wrapping_around() -> None:
+    words, storage, python = list("abcdef"), list("ST"), []
+    assert experiment.traffic_batch(0, [(words, 4), (storage, 1), (python, 16)]) == ["a", "b", "c", "d", "S"]
+    assert experiment.traffic_batch(1, [(words, 4), (storage, 1), (python, 16)]) == ["e", "f", "a", "b", "T"]
+    assert experiment.traffic_batch(2, [(words, 4), (storage, 0)]) == ["c", "d", "e", "f"]
