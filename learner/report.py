@@ -26,8 +26,9 @@ def serving_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 def verdicts(result: dict[str, Any]) -> dict[str, Any]:
     """Target: held-out success >= max(2 x base, base + 10 points) within 3 promoted cycles.
-    Regression: a promoted adapter below its parent (the previous serving row) on any pool, beyond
-    what the pools' sizes can resolve, is listed; exact drops are listed too."""
+    Regression: a promoted adapter that solved fewer tasks than its parent (the previous serving row)
+    on any pool, however few; with the task-by-task comparison where the run recorded it (fixed,
+    broken, McNemar p), so a reader can tell a 1-task coin flip from a real loss."""
     served = serving_rows(result)
     base = served[0]["evals"]["heldout"]["rate"] if served else None
     if base is None:
@@ -40,8 +41,9 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
         for pool, ev in child["evals"].items():
             before = parent["evals"][pool]["rate"]
             if ev["rate"] is not None and before is not None and ev["rate"] < before:
-                drops.append({"adapter": child["adapter"], "parent": parent["adapter"] or "base", "pool": pool,
-                              "from": before, "to": ev["rate"]})
+                drop = {"adapter": child["adapter"], "parent": parent["adapter"] or "base", "pool": pool,
+                        "from": before, "to": ev["rate"]}
+                drops.append({**drop, **(child.get("vs_parent") or {}).get(pool, {})})
     return {"base_heldout": base, "target": target, "best_promoted_heldout": best,
             "target_reached": best is not None and best >= target - 1e-9, "promoted": len(served) - 1,
             "drops_vs_parent": drops}
@@ -140,7 +142,9 @@ def write_report(result: dict[str, Any], out: Path) -> str:
                      f"{_pct(v['best_promoted_heldout'])} after {v['promoted']} promotion(s): "
                      f"{'REACHED' if v['target_reached'] else 'not reached'}")
         for d in v["drops_vs_parent"]:
-            lines.append(f"regression: {d['adapter']} on {d['pool']} {_pct(d['from'])} -> {_pct(d['to'])} (parent {d['parent']})")
+            paired = f"; fixed {d['fixed']}, broke {d['broken']}, McNemar p {d['p_value']:.2g}" if "p_value" in d else ""
+            lines.append(f"regression: {d['adapter']} on {d['pool']} {_pct(d['from'])} -> {_pct(d['to'])} "
+                         f"(parent {d['parent']}{paired})")
     learner = result.get("config", {}).get("learner_settings")
     if learner:
         lines.append("learner: " + ", ".join(f"{k} {learner[k]}" for k in REPORTED_SETTINGS if k in learner)

@@ -178,6 +178,11 @@ class EvalStore:
         rows = self.db.execute_returning_dicts("SELECT * FROM evals ORDER BY created_at DESC LIMIT ?", [limit])
         return [_decode(r) for r in rows]
 
+    def successes(self, eval_id: str) -> dict[str, bool]:
+        """Task id -> solved, for `paired`."""
+        rows = self.db.execute("SELECT task_id, success FROM eval_results WHERE eval_id = ?", [eval_id]).fetchall()
+        return {task_id: bool(success) for task_id, success in rows}
+
     def get(self, eval_id: str) -> dict[str, Any] | None:
         rows = self.db.execute_returning_dicts("SELECT * FROM evals WHERE id = ?", [eval_id])
         if not rows:

@@ -56,6 +56,38 @@ def test_a_promoted_adapter_below_its_parent_on_any_pool_is_listed() -> None:
     assert drops == [{"adapter": "hone-v1", "parent": "base", "pool": "storage", "from": 0.5, "to": 0.4}]
 
 
+def test_a_regression_carries_its_task_by_task_comparison_when_the_run_recorded_it(tmp_path: Path) -> None:
+    r = result(("base", None, 0.2, 0.5), ("promoted", "hone-v1", 0.3, 0.4))
+    r["rows"][1]["vs_parent"] = {"storage": {"n": 12, "fixed": 0, "broken": 1, "p_value": 1.0},
+                                 "heldout": {"n": 40, "fixed": 5, "broken": 1, "p_value": 0.219}}
+    assert verdicts(r)["drops_vs_parent"] == [{"adapter": "hone-v1", "parent": "base", "pool": "storage", "from": 0.5,
+                                               "to": 0.4, "n": 12, "fixed": 0, "broken": 1, "p_value": 1.0}]
+    assert "regression: hone-v1 on storage 50.0% -> 40.0% (parent base; fixed 0, broke 1, McNemar p 1)" \
+        in write_report(r, tmp_path)
+
+
+def test_each_evaluated_candidate_is_compared_task_by_task_with_what_served_before(tmp_path: Path) -> None:
+    from learner.tasks import Task
+    from runtime.evals import EvalOptions, EvalStore, TaskResult
+
+    store = EvalStore(tmp_path / "hone.db")  # a real SQLite file, as the experiment's home has
+    tasks = [Task(f"file:t{i}", ({"role": "user", "content": f"q{i}"},), i, "numeric") for i in range(6)]
+
+    def run(eval_id: str, solved: set[int]) -> dict:
+        store.create(eval_id, tasks_file="t.jsonl", server="s", options=EvalOptions(), n_tasks=len(tasks))
+        for i, t in enumerate(tasks):
+            store.add_result(eval_id, t, TaskResult(task_id=t.id, task_type="x", success=i in solved, status="ok",
+                                                    answer="", steps=1, tool_calls=0, tool_errors=0, latency_ms=1.0))
+        return {"eval_id": eval_id}
+
+    parent = {"heldout": run("ev-parent", {0, 1, 2}), "python": run("ev-p-parent", {0})}
+    child = {"heldout": run("ev-child", {1, 2, 3, 4, 5}), "python": run("ev-p-child", set()), "new": run("ev-n", {0})}
+    out = experiment.against_parent(store, child, parent)
+    assert out == {"heldout": {"n": 6, "fixed": 3, "broken": 1, "p_value": 0.625},
+                   "python": {"n": 6, "fixed": 0, "broken": 1, "p_value": 1.0}}  # a pool the parent lacks: none
+    store.close()
+
+
 def test_table_and_report_files(tmp_path: Path) -> None:
     r = result(("base", None, 0.2, 0.5), ("promoted", "hone-v1", 0.3, 0.5))
     t = table(r)
