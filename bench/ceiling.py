@@ -12,7 +12,7 @@ held-out tasks solved greedily OR in at least one of k samples is a practical ce
 few cycles of self-training can reach, and pass@k says how fast more sampling finds successes.
 
 Method. `hone serve` (real vLLM, the embedded SmolLM2 unless HONE_MODEL is set, learner off) on a
-fresh HONE_HOME; the pools are exactly `hone bench loop`'s (learner/experiment.py load_pools):
+fresh HONE_HOME; the pools are exactly `hone bench loop`'s (learner/loop_setup.py load_pools):
 held-out = bench/data/asdiv-a-heldout-200.jsonl; gate = the last gate_tasks tasks of the training pool
 (bench/data/asdiv-a-train.jsonl; MAWPS and the 40-task held-out before 2026-12-04:
 bench/results/ceiling.json is from then). `--home` serves a finished run's HONE_HOME instead (copy it

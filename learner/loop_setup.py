@@ -32,7 +32,7 @@ class LoopConfig:
     per_cycle: int = 64  # training-pool tasks streamed before each cycle
     # Storage traffic beside it (multi-turn: save, then recall in a new conversation), disjoint from
     # the storage suite and the guard. Without it the learner sees only arithmetic, and its adapters
-    # lost storage (run 22: 13/42 -> 4/42). None or 0 per cycle: arithmetic only (runs 1-22).
+    # lost storage (run 22: 13/42 -> 4/42). None or 0 per cycle: no storage traffic (runs 1-22).
     storage_traffic: Path | None = REPO / "bench" / "data" / "storage-train.jsonl"
     storage_per_cycle: int = 24
     # Python traffic likewise (single-turn, verifiable), disjoint from the python suite and guard. The
@@ -123,10 +123,12 @@ def load_side_traffic(cfg: LoopConfig, path: Path | None, per_cycle: int) -> lis
     if path is None or per_cycle == 0:
         return []
     tasks = load_task_file(path)
-    measured = {t.id for p in (*cfg.suites, *cfg.guards) for t in load_task_file(p)}
-    shared = {t.id for t in tasks} & measured
+    measured = [t for p in (*cfg.suites, *cfg.guards) for t in load_task_file(p)]
+    ids, texts = {t.id for t in measured}, {_text(t) for t in measured}
+    shared = [t.id for t in tasks if t.id in ids or _text(t) in texts]  # a renamed copy is still the same task
     if shared:
-        raise ExperimentError(f"the traffic {path} shares task ids with the suites or the guard: {sorted(shared)[:5]}")
+        raise ExperimentError(f"the traffic {path} shares tasks (by id or text) with the suites or the guard: "
+                              f"{sorted(shared)[:5]}")
     return tasks
 
 

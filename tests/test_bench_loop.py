@@ -260,10 +260,16 @@ def test_side_traffic_must_not_be_measured_tasks(tmp_path: Path) -> None:
     assert not measured & {t.messages[0]["content"] for t in python}  # disjoint by question, not only by id
     assert experiment.load_side_traffic(cfg, cfg.storage_traffic, 0) == []
     assert experiment.load_side_traffic(cfg, None, 24) == []
-    with pytest.raises(ExperimentError, match="shares task ids with the suites or the guard: \\['storage-000'"):
+    shares = "shares tasks \\(by id or text\\) with the suites or the guard: "
+    with pytest.raises(ExperimentError, match=shares + "\\['storage-000'"):
         experiment.load_side_traffic(cfg, REPO / "tasks" / "storage.jsonl", 24)
-    with pytest.raises(ExperimentError, match="shares task ids with the suites or the guard: \\['python-guard-000'"):
+    with pytest.raises(ExperimentError, match=shares + "\\['python-guard-000'"):
         experiment.load_side_traffic(cfg, REPO / "bench" / "data" / "python-guard.jsonl", 16)
+    renamed = tmp_path / "renamed.jsonl"  # a suite question under a new id
+    row = json.loads((REPO / "tasks" / "python.jsonl").read_text().splitlines()[3])
+    renamed.write_text(json.dumps({**row, "id": "mine-1"}) + "\n")
+    with pytest.raises(ExperimentError, match=shares + "\\['mine-1'\\]"):
+        experiment.load_side_traffic(cfg, renamed, 16)
 
 
 def test_each_cycle_takes_the_next_slice_of_every_pool_wrapping_around() -> None:
