@@ -254,7 +254,8 @@ def test_side_traffic_must_not_be_measured_tasks(tmp_path: Path) -> None:
     cfg = LoopConfig()
     storage = experiment.load_side_traffic(cfg, cfg.storage_traffic, cfg.storage_per_cycle)
     assert len(storage) == 126 and all(t.turns and t.id.startswith("storage-train-") for t in storage)
-    python = experiment.load_side_traffic(cfg, cfg.python_traffic, cfg.python_per_cycle)
+    assert experiment.load_side_traffic(cfg, cfg.python_traffic, cfg.python_per_cycle) == []  # off by default
+    python = experiment.load_side_traffic(cfg, cfg.python_traffic, 16)
     assert len(python) == 90 and all(t.group == "python" and t.id.startswith("python-train-") for t in python)
     measured = {t.messages[0]["content"] for p in (*cfg.suites, *cfg.guards) for t in load_task_file(p) if not t.turns}
     assert not measured & {t.messages[0]["content"] for t in python}  # disjoint by question, not only by id
