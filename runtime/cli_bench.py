@@ -61,8 +61,9 @@ def loop_cmd(cycles: int, promotions: int | None, train_tasks: Path | None, per_
 
     Writes loop.json, loop.md (the table) and loop.png (success against cycle) to --out, and
     keeps the experiment's HONE_HOME there (inspect it with HONE_HOME=... hone cycles / hone evals).
-    About 62 minutes on a 2-core CPU with AVX512-BF16 with the defaults (runs 13, 14), 64 on a 2-core
-    AVX2-only CPU (run 18); --set HONE_MAX_PAIRS=32 trains less, --heldout-limit 100 evaluates less.
+    Three cycles took 52.5-65 minutes on a 2-core CPU with AVX512-BF16 with storage traffic and the
+    guard (runs 23, 25), 64 on a 2-core AVX2-only CPU without them (run 18); --set HONE_MAX_PAIRS=32
+    trains less, --heldout-limit 100 evaluates less.
     On a GPU raise --per-cycle, --heldout-limit, --suite-limit and --concurrency, and pass --model
     for a bigger model."""
     import httpx
