@@ -39,7 +39,7 @@ from runtime.hardware import usable_cores
 from .checks import check_answer
 from .labels import FAILURE_STATUSES
 from .loop_setup import (  # noqa: F401  (re-exported: the experiment's public names)
-    REPO, ExperimentError, LoopConfig, config_record, guard_task_ids, load_pools, load_side_traffic, traffic_batch)
+    REPO, ExperimentError, LoopConfig, config_record, load_pools, load_side_traffic, traffic_batch)
 from .tasks import Task
 
 FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
@@ -198,7 +198,7 @@ def learner_settings(env: dict[str, str], home: Path) -> dict[str, str]:
 
 
 def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
-    from .report import write_report
+    from .report import serving_rows, write_report
 
     train, gate, pools = load_pools(cfg)
     side = [(load_side_traffic(cfg, cfg.storage_traffic, cfg.storage_per_cycle), cfg.storage_per_cycle),
@@ -256,7 +256,7 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
                     t0 = time.monotonic()
                     row["evals"] = asyncio.run(evaluate(store, url, cycle["candidate"], pools, cfg.concurrency))
                     row["eval_s"] = round(time.monotonic() - t0, 1)
-                    parent = [r for r in result["rows"] if r["status"] in ("base", "promoted") and r.get("evals")][-1]
+                    parent = serving_rows(result)[-1]  # what served before this candidate
                     row["vs_parent"] = against_parent(store, row["evals"], parent["evals"])
                     say(f"cycle {k + 1} {cycle['state']} {cycle['candidate']}: "
                         + ", ".join(f"{n} {v['rate']:.1%}" for n, v in row["evals"].items()))
