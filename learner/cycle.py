@@ -4,6 +4,8 @@ numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learn
     label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
     -> pairs (token-exact, drift excluded) -> train (LoRA-DPO) -> check files -> gate -> guard -> swap
 
+With gate_pool_guard the gate's p-value test counts the guard's tasks too (gate.pooled).
+
 With gate_candidates > 1 the last epochs' adapters are all candidates; the gate promotes the best.
 
 Reference model: the base model with the adapter disabled, never the promoted parent. The policy is
@@ -29,7 +31,7 @@ from runtime.model import ensure_model
 from runtime.store import TrajectoryStore
 
 from . import explore as exploration
-from .gate import best_candidate, check_candidate, recorded_results, run_gates, run_guard
+from .gate import best_candidate, check_candidate, pooled, rate_ok, recorded_results, run_gates, run_guard
 from .labels import label_all, label_totals
 from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_tasks
 from .registry import Registry
@@ -206,10 +208,18 @@ class Cycle:
             self.say(f"cycle {self.id}: gate {version} {gate['candidate_rate']:.1%} vs "
                      f"{gate['current']} {gate['current_rate']:.1%} on {gate['n_tasks']} held-out tasks"
                      + (f" (best of {len(gates)} candidates)" if len(gates) > 1 else ""))
-        if gate["promote"] and guard_tasks:
+        # gate_pool_guard: the guard's tasks are evidence too, so it runs whenever the gate's own kind
+        # did not get worse, not only when the gate alone was convincing
+        pool = s.gate_pool_guard and bool(guard_tasks)
+        if guard_tasks and (gate["promote"] or (pool and rate_ok(gate))):
             with self.phase("guard"):
                 guard = await self.guard(guard_tasks, version, active, model)
                 gate = {**gate, "guard": guard}
+                if pool:
+                    gate["pooled"] = pooled(gate, guard)
+                    gate["promote"] = gate["pooled"]["promote"]
+                    self.say(f"cycle {self.id}: gate and guard pooled: fixed {gate['pooled']['fixed']}, broke "
+                             f"{gate['pooled']['broken']}, McNemar p {gate['pooled']['p_value']}")
                 registry.update_cycle(self.id, gate=gate)
                 registry.update_adapter(version, gate=gate)
             if not guard["promote"]:
@@ -220,8 +230,12 @@ class Cycle:
                 await self.reject_all([version], reason)
                 return self.finish("rejected", error=reason, gate=gate)
         if not gate["promote"]:
-            if gate["candidate_rate"] < gate["current_rate"] + gate["margin"]:
+            if not rate_ok(gate):
                 reason = f"gate: {gate['candidate_rate']:.3f} < {gate['current_rate']:.3f} + margin {gate['margin']}"
+            elif "pooled" in gate:
+                both = gate["pooled"]
+                reason = (f"gate and guard pooled: fixed {both['fixed']} broke {both['broken']} of {both['n']} tasks: "
+                          f"McNemar p {both['p_value']} > gate_max_p {both['max_p']}")
             else:
                 reason = (f"gate: {gate['candidate_rate']:.3f} vs {gate['current_rate']:.3f}, fixed {gate['fixed']} broke "
                           f"{gate['broken']}: McNemar p {gate['p_value']} > gate_max_p {gate['max_p']}")

@@ -46,10 +46,11 @@ FINAL_STATES = ("promoted", "rejected", "skipped", "failed")
 # The experiment measures hone's own learner defaults (runtime/config.py), under the user's HONE_*
 # variables and --set. Until 2026-12-05 it set its own (64 pairs, 256 rollouts, lr 1e-4, the NLL term,
 # one pair per task); those moved the number in runs 10-15 and are the product's defaults now.
-# One setting stays the experiment's: nothing is served while a cycle runs here, so agent runs
+# Settings that stay the experiment's: nothing is served while a cycle runs here, so agent runs
 # (exploration, gate) go 16 at a time, where vLLM's batches keep 2 cores ~1.6x busier than 8 did.
-# Training gets every core for the same reason (HONE_LEARNER_THREADS below).
-LOOP_DEFAULTS = {"HONE_EXPLORE_CONCURRENCY": "16"}
+# Training gets every core for the same reason (HONE_LEARNER_THREADS below). The guard's tasks count
+# as gate evidence (gate_pool_guard): run 25's arithmetic-only gate refused two storage gains.
+LOOP_DEFAULTS = {"HONE_EXPLORE_CONCURRENCY": "16", "HONE_GATE_POOL_GUARD": "true"}  # since run 26
 
 
 # ---------------------------------------------------------------- the server

@@ -88,6 +88,25 @@ async def run_gates(runner: AgentRunner, tasks: list[Task], *, candidates: list[
     return gates
 
 
+def rate_ok(gate: dict[str, Any]) -> bool:
+    """The gate's own kind of task did not get worse: candidate rate >= current rate + margin."""
+    return gate["candidate_rate"] >= gate["current_rate"] + gate["margin"]
+
+
+def pooled(gate: dict[str, Any], guard: dict[str, Any]) -> dict[str, Any]:
+    """One McNemar test over the gate's and the guard's tasks together (`gate_pool_guard`), so a gain
+    on storage counts as evidence as much as one on arithmetic; the "no kind gets worse" rules stay
+    (`rate_ok` for the gate, `guard["worse"]` per guard kind). Promote if both hold and p <= max_p."""
+    before, after = {}, {}
+    for name, g in (("gate", gate), ("guard", guard)):
+        before.update({f"{name}:{k}": v for k, v in g["results"]["current"].items()})
+        after.update({f"{name}:{k}": v for k, v in g["results"]["candidate"].items()})
+    diff = paired(before, after)
+    max_p = gate["max_p"]
+    return {"n": diff["n"], "fixed": diff["fixed"], "broken": diff["broken"], "p_value": diff["p_value"],
+            "max_p": max_p, "promote": rate_ok(gate) and not guard["worse"] and (max_p >= 1.0 or diff["p_value"] <= max_p)}
+
+
 def best_candidate(gates: dict[str, dict[str, Any]]) -> str:
     """The candidate with the most gate successes; on a tie, the one gated first (the final epoch's)."""
     return max(gates, key=lambda name: (gates[name]["candidate_successes"], -list(gates).index(name)))

@@ -71,6 +71,9 @@ def table(result: dict[str, Any]) -> str:
             groups = guard_counts(guard, unnamed="")
             cell += "; guard " + ", ".join(f"{name + ' ' if name else ''}{v['candidate_successes']}/{v['n']} vs "
                                            f"{v['current_successes']}/{v['n']}" for name, v in groups.items())
+        both = (g or {}).get("pooled")
+        if both:  # gate_pool_guard: the p-value test ran on gate and guard tasks together
+            cell += f"; pooled fixed {both['fixed']}, broke {both['broken']}, p {both['p_value']:.2g}"
         cells.append(cell)
         for p in pools:
             ev = evals.get(p)

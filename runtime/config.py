@@ -110,6 +110,10 @@ class Settings:
     # Tasks of other kinds (say, storage) the candidate must not solve fewer of than what serves now:
     # training on arithmetic traffic alone can cost the other tools (docs/benchmarks.md, run 21).
     gate_guard_file: Path | None = None
+    # With a guard: run it even when the gate's p alone is too high, and decide gate_max_p on the gate's
+    # and the guard's tasks pooled in one McNemar test (each kind still may not lose). An arithmetic-only
+    # gate turned away candidates that gained on storage at p = 0.0007 (docs/benchmarks.md, run 25).
+    gate_pool_guard: bool = False
     gate_reuse: bool = True  # reuse what serves now's recorded per-task gate results instead of re-running it
     swap_tolerance: float = 0.1  # max mean |vLLM - local| probe log-prob (nats) to accept a swap
     keep_adapters: int = 2  # adapters kept loaded in vLLM: the active one and its rollback target

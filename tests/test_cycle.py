@@ -116,3 +116,85 @@ def test_cancelling_a_cycle_mid_training_stops_the_training(tmp_path: Path, monk
         reg.close()
     assert training.is_set() and stopped.is_set()
     assert cycle["state"] == "failed" and cycle["error"] == "stopped during phase 'train': the learner was shut down"
+
+
+GATE_SOLVED = {"base": {"g0", "g1"}, "cand": {"g0", "g2", "g3"}}  # fixed 2, broke 1: p = 1.0 alone
+GUARD = [("s0", "storage"), ("s1", "storage"), ("s2", "storage"), ("s3", "storage"), ("s4", "storage"),
+         ("s5", "storage"), ("p0", "python")]
+
+
+def gated_cycle(tmp_path: Path, monkeypatch, *, pool: bool, solved: dict[str, set[str]]) -> dict:
+    """A cycle that trains (stood in) and then runs the real gate, guard and decision code against an
+    agent that solves the tasks `solved` names for each side ("base", "cand"); returns its record."""
+    from learner.runner import Attempt
+
+    tmp_path.mkdir(exist_ok=True)
+    gate_file = tmp_path / "gate.jsonl"
+    gate_file.write_text("".join(f'{{"id": "g{i}", "question": "q{i}", "answer": {i}}}\n' for i in range(6)))
+    guard_file = tmp_path / "guard.jsonl"
+    guard_file.write_text("".join(f'{{"id": "{k}", "question": "q{k}", "answer": 1, "type": "{g}"}}\n' for k, g in GUARD))
+    settings = Settings.load(env={"HONE_HOME": str(tmp_path / "home"), "HONE_MIN_PAIRS": "1", "HONE_DPO_EPOCHS": "1",
+                                  "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_GUARD_FILE": str(guard_file),
+                                  "HONE_GATE_MAX_P": "0.25", "HONE_GATE_POOL_GUARD": str(pool).lower()})
+    settings.ensure_dirs()
+    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: SimpleNamespace(pairs=[pair("t1", 100)], excluded={}))
+    monkeypatch.setattr("learner.cycle.ensure_model", lambda *a, **k: "model")
+    monkeypatch.setattr("learner.train_process.train_adapter_isolated", lambda model, pairs, cfg, out, **k: SimpleNamespace(
+        path=out, metrics={}, counts={}, timings={}, epoch=1, snapshots=[]))
+
+    async def loads(*a, **k):
+        return None
+
+    async def swaps(*a, **k):
+        return {"swapped": True}
+
+    monkeypatch.setattr("learner.cycle.check_candidate", loads)
+    monkeypatch.setattr("learner.cycle.promote", swaps)
+
+    class Runner:
+        engine = SimpleNamespace(unload_adapter=loads)
+
+        async def attempt_all(self, jobs, *, on_done=None):
+            side = lambda j: "base" if j["adapter"] == "base" else "cand"  # noqa: E731
+            return [Attempt(j["task"], None, "ok", "", j["task"].key.split(":")[1] in solved[side(j)], 1) for j in jobs]
+
+    reg = Registry(settings.db_path)
+    try:
+        asyncio.run(Cycle(settings, reg, runner=Runner(), cycle_id=reg.start_cycle("manual")).run())
+        return reg.list_cycles(limit=1)[0]
+    finally:
+        reg.close()
+
+
+def test_an_arithmetic_only_gate_turns_away_a_candidate_whose_gains_are_elsewhere(tmp_path: Path, monkeypatch) -> None:
+    solved = {"base": GATE_SOLVED["base"] | {"p0"}, "cand": GATE_SOLVED["cand"] | {"s0", "s1", "s2", "s3", "s4", "s5", "p0"}}
+    cycle = gated_cycle(tmp_path, monkeypatch, pool=False, solved=solved)
+    assert cycle["state"] == "rejected" and cycle["error"].startswith("gate: 0.500 vs 0.333, fixed 2 broke 1: McNemar p 1")
+    assert "guard" not in cycle["gate"] and "guard" not in cycle["timings"]  # never looked at storage
+
+
+def test_pooled_with_the_guard_the_same_candidate_is_promoted(tmp_path: Path, monkeypatch) -> None:
+    solved = {"base": GATE_SOLVED["base"] | {"p0"}, "cand": GATE_SOLVED["cand"] | {"s0", "s1", "s2", "s3", "s4", "s5", "p0"}}
+    cycle = gated_cycle(tmp_path, monkeypatch, pool=True, solved=solved)
+    assert cycle["state"] == "promoted", cycle["error"]
+    both = cycle["gate"]["pooled"]
+    assert (both["n"], both["fixed"], both["broken"]) == (13, 8, 1) and both["p_value"] <= 0.25 and both["promote"]
+    assert cycle["gate"]["p_value"] > 0.25  # the gate alone would have refused it
+
+
+def test_pooled_evidence_does_not_excuse_a_loss_on_any_kind(tmp_path: Path, monkeypatch) -> None:
+    solved = {"base": GATE_SOLVED["base"] | {"p0"}, "cand": GATE_SOLVED["cand"] | {"s0", "s1", "s2", "s3", "s4", "s5"}}
+    cycle = gated_cycle(tmp_path, monkeypatch, pool=True, solved=solved)
+    assert cycle["state"] == "rejected" and cycle["error"].startswith("guard: python: hone-v1 solved 0 of 1, base 1")
+    # nor a loss on the gate's own kind: then the guard need not even run
+    solved = {"base": {"g0", "g1", "g2"}, "cand": {"g0", "g3", "s0", "s1", "s2", "s3", "s4", "s5", "p0"}}
+    cycle = gated_cycle(tmp_path / "b", monkeypatch, pool=True, solved=solved)
+    assert cycle["state"] == "rejected" and cycle["error"].startswith("gate: 0.333 < 0.500")
+    assert "guard" not in cycle["timings"]
+
+
+def test_pooled_but_still_unconvincing_is_rejected_naming_both(tmp_path: Path, monkeypatch) -> None:
+    solved = {"base": GATE_SOLVED["base"] | {"p0"}, "cand": GATE_SOLVED["cand"] | {"s0", "p0"}}
+    cycle = gated_cycle(tmp_path, monkeypatch, pool=True, solved=solved)
+    assert cycle["state"] == "rejected"
+    assert cycle["error"] == "gate and guard pooled: fixed 3 broke 1 of 13 tasks: McNemar p 0.625 > gate_max_p 0.25"

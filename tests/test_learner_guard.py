@@ -2,7 +2,8 @@
 process) with two multi-turn storage tasks as the guard. After the gate (margin -1: always passed),
 the candidate and what serves now run the guard through the real agent and storage tool; the
 candidate is promoted only if it solved at least as many. The second cycle reuses the recorded
-guard results of what serves now instead of running it again.
+guard results of what serves now instead of running it again. With gate_pool_guard on (gate_max_p 1,
+so the decision is the same), the gate's and the guard's task-by-task results are pooled in the record.
 
 Whether the tiny candidate keeps the storage tasks is up to the model, so the test checks the rule
 against what was measured, not a fixed outcome."""
@@ -26,7 +27,8 @@ GUARD = [json.loads(line) for line in (REPO / "tasks" / "storage.jsonl").read_te
 def server(tmp_path_factory: pytest.TempPathFactory):
     guard_file = tmp_path_factory.mktemp("guard") / "guard.jsonl"
     guard_file.write_text("".join(json.dumps(t) + "\n" for t in GUARD))
-    with learner_server(tmp_path_factory, "guard-home", explore_budget="0", gate_guard_file=str(guard_file)) as s:
+    with learner_server(tmp_path_factory, "guard-home", explore_budget="0", gate_guard_file=str(guard_file),
+                        gate_pool_guard="true") as s:
         yield s
 
 
@@ -56,6 +58,9 @@ def check_the_rule(cycle: dict) -> dict:
     assert guard["n_tasks"] == 2 and guard["candidate"] == cycle["candidate"]
     assert "guard" in cycle["timings"]
     assert list(guard["groups"]) == ["storage"]
+    gate, both = cycle["gate"], cycle["gate"]["pooled"]
+    assert both["n"] == gate["n_tasks"] + guard["n_tasks"]
+    assert (both["fixed"], both["broken"]) == (gate["fixed"] + guard["fixed"], gate["broken"] + guard["broken"])
     kept = guard["candidate_successes"] >= guard["current_successes"]  # one kind of task: the totals decide
     assert guard["promote"] is kept and guard["worse"] == ([] if kept else ["storage"])
     if kept:
