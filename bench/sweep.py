@@ -19,6 +19,8 @@ VERSION` warm-starts from a registered adapter, as a cycle does from what served
 adapter on the base model). With both, `--cycle 3 --parent hone-v1` retrains what cycle 3 trained.
 `--tasks-from failed` keeps only the pairs of tasks that serving got wrong (exploration found the
 success), `solved` only those it got right (exploration found the failure): which kind teaches.
+`--new-since M` keeps only tasks first logged after cycle M built its pairs: with `--cycle M+1
+--parent <cycle M's adapter>`, the new traffic alone, without the pairs the parent already learned.
 """
 
 from __future__ import annotations
@@ -71,6 +73,12 @@ def keep_tasks(groups: Groups, outcome: str) -> Groups:
     return Groups({k: rows for k, rows in groups.train.items() if served_outcome(rows) == outcome}, groups.validation)
 
 
+def keep_new(groups: Groups, since: float) -> Groups:
+    """Only tasks first logged after `since`: what a cycle could not have trained on before."""
+    return Groups({k: rows for k, rows in groups.train.items() if min(r["created_at"] for r in rows) > since},
+                  groups.validation)
+
+
 def adapter_dir_of(registry: Registry, adapters_dir: Path, version: str) -> str:
     """This home's copy first: in a copied HONE_HOME the registry still names the original's paths."""
     row = registry.get_adapter(version)
@@ -88,6 +96,8 @@ def main() -> int:
     ap.add_argument("--parent", default=None, help="warm-start from this registered adapter (default: none)")
     ap.add_argument("--tasks-from", choices=("all", "failed", "solved"), default="all",
                     help="pairs only from tasks that serving failed / solved (default: all)")
+    ap.add_argument("--new-since", type=int, default=None, metavar="CYCLE",
+                    help="pairs only from tasks first logged after cycle CYCLE built its pairs")
     args = ap.parse_args()
 
     base = Settings.load()
@@ -99,6 +109,7 @@ def main() -> int:
     try:
         before = None if args.cycle is None else cycle_pairs_time(registry, args.cycle)
         parent = None if args.parent is None else adapter_dir_of(registry, base.adapters_dir, args.parent)
+        since = None if args.new_since is None else cycle_pairs_time(registry, args.new_since)
     except LookupError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
@@ -112,6 +123,8 @@ def main() -> int:
             continue
         with registry.locked() as db:
             groups = keep_tasks(collect(db, val_fraction=s.val_fraction, before=before), args.tasks_from)
+        if since is not None:
+            groups = keep_new(groups, since)
         with TrajectoryStore(s.db_path) as store:
             built = build_pairs(store, groups, per_task=s.pairs_per_task, max_pairs=s.max_pairs,
                                 model_dir=s.model_path)
@@ -120,7 +133,7 @@ def main() -> int:
         result = train_adapter_isolated(model_dir, built.pairs, train_config(s), adapter_dir, parent_adapter=parent,
                                         progress=True)
         row = {"name": name, "overrides": overrides, "cycle": args.cycle, "parent": args.parent,
-               "tasks_from": args.tasks_from, "pairs": len(built.pairs),
+               "tasks_from": args.tasks_from, "new_since": args.new_since, "pairs": len(built.pairs),
                "pair_tasks": len({p.group for p in built.pairs}), "excluded": built.excluded,
                "train_s": round(time.perf_counter() - t0, 1), "metrics": result.metrics, "counts": result.counts}
         with out.open("a") as f:

@@ -64,3 +64,10 @@ def test_tasks_are_kept_by_how_serving_did_not_by_what_exploration_found() -> No
     assert list(sweep.keep_tasks(groups, "solved").train) == ["kept"]
     assert sweep.keep_tasks(groups, "all") is groups
     assert sweep.keep_tasks(groups, "failed").validation == groups.validation
+
+
+def test_new_tasks_are_those_first_logged_after_the_cutoff() -> None:
+    groups = sweep.Groups(train={"old": [{"created_at": 20.0}, {"created_at": 5.0}], "new": [{"created_at": 12.0}]},
+                          validation={"v": [{"created_at": 1.0}]})
+    kept = sweep.keep_new(groups, 10.0)
+    assert list(kept.train) == ["new"] and kept.validation == groups.validation  # "old" was seen at 5.0
