@@ -64,14 +64,15 @@ async def run_gate(runner: AgentRunner, tasks: list[Task], *, candidate: str, cu
     cand_successes, cur_successes = sum(cand.values()), sum(cur.values())
     # Task by task too: the rates alone cannot tell "fixed 2, broke 0" from "fixed 11, broke 9".
     diff = paired(cur, cand)
-    return {
+    gate = {
         "n_tasks": n, "candidate": candidate, "current": sides["current"],
         "candidate_rate": cand_successes / n, "current_rate": cur_successes / n, "margin": margin, "max_p": max_p,
         "candidate_successes": cand_successes, "current_successes": cur_successes,
         "current_reused": len(known), "fixed": diff["fixed"], "broken": diff["broken"], "p_value": diff["p_value"],
-        "promote": cand_successes / n >= cur_successes / n + margin and (max_p >= 1.0 or diff["p_value"] <= max_p),
         "results": results, "fingerprints": {t.key: fingerprint(t) for t in tasks},
     }
+    gate["promote"] = rate_ok(gate) and convincing(diff["p_value"], max_p)
+    return gate
 
 
 async def run_gates(runner: AgentRunner, tasks: list[Task], *, candidates: list[str], current: str | None,
@@ -93,6 +94,11 @@ def rate_ok(gate: dict[str, Any]) -> bool:
     return gate["candidate_rate"] >= gate["current_rate"] + gate["margin"]
 
 
+def convincing(p_value: float, max_p: float) -> bool:
+    """The task-by-task difference is unlikely by chance (max_p 1.0: not asked)."""
+    return max_p >= 1.0 or p_value <= max_p
+
+
 def pooled(gate: dict[str, Any], guard: dict[str, Any]) -> dict[str, Any]:
     """One McNemar test over the gate's and the guard's tasks together (`gate_pool_guard`), so a gain
     on storage counts as evidence as much as one on arithmetic; the "no kind gets worse" rules stay
@@ -104,7 +110,7 @@ def pooled(gate: dict[str, Any], guard: dict[str, Any]) -> dict[str, Any]:
     diff = paired(before, after)
     max_p = gate["max_p"]
     return {"n": diff["n"], "fixed": diff["fixed"], "broken": diff["broken"], "p_value": diff["p_value"],
-            "max_p": max_p, "promote": rate_ok(gate) and not guard["worse"] and (max_p >= 1.0 or diff["p_value"] <= max_p)}
+            "max_p": max_p, "promote": rate_ok(gate) and not guard["worse"] and convincing(diff["p_value"], max_p)}
 
 
 def best_candidate(gates: dict[str, dict[str, Any]]) -> str:
