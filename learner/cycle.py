@@ -8,9 +8,9 @@ With gate_pool_guard the gate's p-value test counts the guard's tasks too (gate.
 
 With gate_candidates > 1 the last epochs' adapters are all candidates; the gate promotes the best.
 
-Reference model: the base model with the adapter disabled, never the promoted parent. The policy is
-warm-started from the parent, so each cycle improves on what serves, but the KL anchor stays the
-same model every cycle: drift cannot compound across cycles, and reference log-probs never go
+Reference model (dpo_reference = base, the default): the base model with the adapter disabled, not
+the promoted parent. The policy is warm-started from the parent, so each cycle improves on what
+serves, but the KL anchor stays the same model every cycle: drift cannot compound across cycles, and reference log-probs never go
 stale. The gate compares against the parent on the same tasks, so a cycle promotes only what did at
 least as well there (with gate_candidates > 1, the best of N: choosing it biases its margin upward).
 """
@@ -50,7 +50,8 @@ def train_config(settings: Settings):
     threads = settings.learner_threads or max(1, usable_cores() // 2)
     return TrainConfig(
         beta=settings.dpo_beta, lr=settings.dpo_lr, epochs=settings.dpo_epochs, batch_size=settings.dpo_batch_size,
-        max_length=settings.dpo_max_length, nll_weight=settings.dpo_nll_weight, lora_rank=settings.lora_rank,
+        max_length=settings.dpo_max_length, nll_weight=settings.dpo_nll_weight, reference=settings.dpo_reference,
+        lora_rank=settings.lora_rank,
         lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout, target_modules=settings.target_modules,
         seed=settings.train_seed, threads=threads,
         bf16_autocast={"auto": None, "bf16": True, "fp32": False}[settings.dpo_autocast],

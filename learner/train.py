@@ -1,7 +1,8 @@
 """Train one LoRA adapter with trajectory-level DPO. Reads top to bottom, settings in TrainConfig.
 
     policy    = base model (fp32) + LoRA; warm-started from the promoted parent when there is one
-    reference = the same model with the adapter disabled, i.e. the base (see learner/cycle.py for why)
+    reference = the same model with the adapter disabled, i.e. the base (see learner/cycle.py for why);
+                with reference="parent", the policy as it starts (the parent adapter), as iterative DPO does
     data      = Pair(chosen, rejected) token sequences; the mask selects model-generated tokens
 
 Costs, on a CPU: the reference log-probs are computed once per pair before training (not once per
@@ -15,6 +16,7 @@ into several forwards whose gradients add up to the same step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -46,6 +48,7 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 4  # pairs per optimizer step
     max_length: int = 2048  # pairs with a longer sequence are skipped and counted, never truncated
+    reference: str = "base"  # base (adapter disabled) | parent (the warm start: the policy before training)
     nll_weight: float = 0.0  # RPO: + nll_weight * per-token NLL of the chosen sequence
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -156,11 +159,15 @@ def train_adapter(
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    # Reference log-probs, once per pair: the base model is the adapter switched off.
+    # Reference log-probs, once per pair: the base model is the adapter switched off; the parent is the
+    # policy before its first step (without a parent the two are the same model).
+    if cfg.reference not in ("base", "parent"):
+        raise TrainingError(f"reference must be base or parent, got {cfg.reference!r}")
+    ref_is_parent = cfg.reference == "parent" and parent_adapter is not None
     t0 = time.perf_counter()
     model.eval()
     reference: list[torch.Tensor] = [torch.empty(0)] * len(usable)  # per pair: (chosen, rejected)
-    with torch.no_grad(), model.disable_adapter(), autocast():
+    with torch.no_grad(), contextlib.nullcontext() if ref_is_parent else model.disable_adapter(), autocast():
         for group in forward_groups(usable, range(len(usable)), cfg.forward_tokens):
             logps, _ = rows_logps(model, pair_rows(usable, group))
             for k, i in enumerate(group):
@@ -211,7 +218,7 @@ def train_adapter(
         times = {k: round(v, 3) for k, v in timings.items()}
         meta = {
             "format": 1, "parent": str(parent_adapter) if parent_adapter else None, "base_model": str(model_dir),
-            "reference": "base (adapter disabled)", "config": asdict(cfg), "epoch": epoch, "counts": counts,
+            "reference": "parent (the warm start)" if ref_is_parent else "base (adapter disabled)", "config": asdict(cfg), "epoch": epoch, "counts": counts,
             "metrics": metrics, "timings": times, "history": done, "probe": probe,
         }
         (tmp / "hone-adapter.json").write_text(json.dumps(meta, indent=1))

@@ -92,6 +92,9 @@ class Settings:
     dpo_batch_size: int = 4
     dpo_max_length: int = 2048
     dpo_nll_weight: float = 1.0  # RPO's NLL on the chosen run: DPO alone barely moved self-generated pairs
+    # The KL anchor: the base model every cycle, or the parent (what serves, where the policy starts),
+    # as iterative DPO does (Xu et al. 2023; Pang et al. 2024). Measured: docs/benchmarks.md.
+    dpo_reference: str = "base"  # base | parent
     dpo_autocast: str = "auto"  # auto (bf16 where the CPU has native bf16) | bf16 | fp32
     dpo_device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     dpo_gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
@@ -256,6 +259,8 @@ class Settings:
             raise ConfigError(f"port must be in [1, 65535], got {self.port}")
         if self.dpo_autocast not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dpo_autocast must be auto, bf16 or fp32, got {self.dpo_autocast!r}")
+        if self.dpo_reference not in ("base", "parent"):
+            raise ConfigError(f"dpo_reference must be base or parent, got {self.dpo_reference!r}")
         if self.dpo_device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"dpo_device must be auto, cpu or cuda, got {self.dpo_device!r}")
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):

@@ -478,6 +478,14 @@ def test_training_produces_a_loadable_adapter_that_prefers_chosen(tmp_path: Path
     assert child_meta["parent"] == str(result.path)
     assert child.metrics["loss_first"] < math.log(2) - 0.01
     assert json.loads((child.path / "adapter_config.json").read_text())["r"] == 4  # the parent's shape
+    # with the parent as reference the child's policy equals its reference at step 1: the loss is ln 2 again
+    anchored = train_adapter(model_dir, pairs[:1], TrainConfig(lr=1e-4, epochs=1, batch_size=1, threads=2,
+                                                               bf16_autocast=False, reference="parent"),
+                             tmp_path / "hone-v2p", parent_adapter=result.path, progress=False)
+    assert anchored.metrics["loss_first"] == pytest.approx(math.log(2), abs=1e-3)
+    assert json.loads((anchored.path / "hone-adapter.json").read_text())["reference"].startswith("parent")
+    with pytest.raises(TrainingError, match="reference must be base or parent"):
+        train_adapter(model_dir, pairs, TrainConfig(reference="self"), tmp_path / "hone-v4", progress=False)
 
     with pytest.raises(TrainingError, match="already exists"):
         train_adapter(model_dir, pairs, cfg, result.path, progress=False)

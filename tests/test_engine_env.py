@@ -128,3 +128,11 @@ def test_training_threads_follow_the_cores_this_process_may_use(tmp_path: Path, 
     assert cycle.train_config(Settings.load({"HONE_HOME": str(tmp_path)})).threads == 1
     settings = Settings.load({"HONE_HOME": str(tmp_path), "HONE_LEARNER_THREADS": "3"})
     assert cycle.train_config(settings).threads == 3
+
+
+def test_the_dpo_reference_setting_reaches_the_trainer(tmp_path: Path) -> None:
+    import learner.cycle as cycle
+
+    assert cycle.train_config(Settings.load({"HONE_HOME": str(tmp_path)})).reference == "base"
+    settings = Settings.load({"HONE_HOME": str(tmp_path), "HONE_DPO_REFERENCE": "parent"})
+    assert cycle.train_config(settings).reference == "parent"
