@@ -113,7 +113,7 @@ def main() -> int:
         groups = collect(db, val_fraction=s.val_fraction)
     with TrajectoryStore(s.db_path) as store:
         pairs = build_pairs(store, groups, per_task=s.pairs_per_task, max_pairs=s.max_pairs,
-                            model_dir=s.model_path).pairs[: args.pairs]
+                            model_dir=s.model_path, on_drift=s.pairs_on_drift).pairs[: args.pairs]
     if not pairs:
         print("prefix: the log gives no preference pairs", file=sys.stderr)
         return 2

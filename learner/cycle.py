@@ -2,7 +2,7 @@
 numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learner/cycles).
 
     label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
-    -> pairs (token-exact, drift excluded) -> train (LoRA-DPO) -> check files -> gate -> guard -> swap
+    -> pairs (token-exact; retokenized tails untrained) -> train (LoRA-DPO) -> check files -> gate -> guard -> swap
 
 With gate_pool_guard the gate's p-value test counts the guard's tasks too (gate.pooled).
 
@@ -10,9 +10,10 @@ With gate_candidates > 1 the last epochs' adapters are all candidates; the gate 
 
 Reference model (dpo_reference = base, the default): the base model with the adapter disabled, not
 the promoted parent. The policy is warm-started from the parent, so each cycle improves on what
-serves, but the KL anchor stays the same model every cycle: drift cannot compound across cycles, and reference log-probs never go
-stale. The gate compares against the parent on the same tasks, so a cycle promotes only what did at
-least as well there (with gate_candidates > 1, the best of N: choosing it biases its margin upward).
+serves, but the KL anchor stays the same model every cycle: drift cannot compound across cycles,
+and reference log-probs never go stale. The gate compares against the parent on the same tasks, so
+a cycle promotes only what did at least as well there (with gate_candidates > 1, the best of N:
+choosing it biases its margin upward).
 """
 
 from __future__ import annotations
@@ -116,11 +117,13 @@ class Cycle:
         with self.phase("pairs"):
             with TrajectoryStore(s.db_path) as store:
                 built = await asyncio.to_thread(build_pairs, store, groups, per_task=s.pairs_per_task,
-                                                max_pairs=s.max_pairs, model_dir=s.model_path)
+                                                max_pairs=s.max_pairs, model_dir=s.model_path,
+                                                on_drift=s.pairs_on_drift)
             self.counts["pairs"] = len(built.pairs)
             self.counts["pair_tasks"] = len({p.group for p in built.pairs})
             self.counts["excluded"] = built.excluded
             self.counts["drift_excluded"] = built.excluded.get("drift", 0)
+            self.counts["drift_trimmed"] = built.drift_trimmed
         fitting = sum(p.fits(s.dpo_max_length) for p in built.pairs)
         if fitting < s.min_pairs:  # the trainer drops longer pairs; with too few left it would fail
             too_long = f" ({len(built.pairs) - fitting} longer than dpo_max_length={s.dpo_max_length})" \

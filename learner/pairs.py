@@ -101,12 +101,14 @@ def _generated(seq: TokenSequence) -> str:
 class PairSet:
     pairs: list[Pair]
     excluded: dict[str, int]  # why trajectories were left out: drift, no_steps, render
+    drift_trimmed: int = 0  # trajectories kept with a retokenized step's tail untrained (learner/sequences.py)
 
 
 def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pairs: int,
-                model_dir: Any = None) -> PairSet:
+                model_dir: Any = None, on_drift: str = "trim") -> PairSet:
     pairs: list[Pair] = []
     excluded: dict[str, int] = defaultdict(int)
+    trimmed = 0
     for key, rows in groups.train.items():
         if not has_contrast(rows):
             continue
@@ -117,10 +119,11 @@ def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pa
             if traj is None:
                 continue
             try:
-                seq = trajectory_sequence(traj, model_dir=model_dir)
+                seq = trajectory_sequence(traj, model_dir=model_dir, on_drift=on_drift)
             except SequenceError as e:
                 excluded[e.kind] += 1
                 continue
+            trimmed += seq.untrained > 0
             digest = _generated(seq)
             if digest in seen:  # the same generation twice adds no information
                 excluded["duplicate"] += 1
@@ -132,4 +135,4 @@ def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pa
         order = sorted(itertools.product(range(len(good)), range(len(bad))), key=sum)[:per_task]
         pairs.extend(Pair(good[i], bad[j], key) for i, j in order)
     pairs.sort(key=lambda p: max(p.chosen.trajectory_id or "", p.rejected.trajectory_id or ""), reverse=True)
-    return PairSet(pairs[:max_pairs], dict(excluded))
+    return PairSet(pairs[:max_pairs], dict(excluded), trimmed)

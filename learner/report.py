@@ -52,7 +52,7 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     pools = list(next((r["evals"] for r in result["rows"] if r.get("evals")), {}).keys())
     head = ["row", "adapter", "status", "traffic solved", "gate (cand vs current)", *pools, "pairs", "explore",
-            "drift excl.", "train s", "cycle s"]
+            "drift excl. / trimmed", "train s", "cycle s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["rows"]:
         evals = r.get("evals") or {}
@@ -80,7 +80,9 @@ def table(result: dict[str, Any]) -> str:
             cells.append(f"{_pct(ev['rate'])} ({ev['success']}/{ev['n']})" if ev else "-")
         counts, timings = r.get("counts") or {}, r.get("timings") or {}
         cells += [str(counts.get("pairs", "-")), str(counts.get("explore_rollouts", "-")),
-                  str(counts.get("drift_excluded", "-")), f"{timings['train']:.0f}" if "train" in timings else "-",
+                  str(counts.get("drift_excluded", "-")) + (f" / {counts['drift_trimmed']}"
+                                                            if "drift_trimmed" in counts else ""),
+                  f"{timings['train']:.0f}" if "train" in timings else "-",
                   f"{sum(timings.values()):.0f}" if timings else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -81,6 +81,9 @@ class Settings:
     pairs_per_task: int = 1  # more let a few tasks' habits dominate a cycle (docs/benchmarks.md)
     max_pairs: int = 64  # newest pairs trained per cycle
     min_pairs: int = 2  # fewer: the cycle is skipped
+    # A run whose next prompt re-rendered the end of the previous step's output as other tokens (same
+    # text): trim = train on it up to that point (exact: docs/learner.md), exclude = leave it out.
+    pairs_on_drift: str = "trim"  # trim | exclude
     explore_attempts: int = 4  # sampled re-runs of a task that lacks contrast
     explore_budget: int = 256  # rollouts per cycle: most of a cycle's pairs come from exploration
     explore_temperature: float = 0.7
@@ -259,6 +262,8 @@ class Settings:
             raise ConfigError(f"port must be in [1, 65535], got {self.port}")
         if self.dpo_autocast not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"dpo_autocast must be auto, bf16 or fp32, got {self.dpo_autocast!r}")
+        if self.pairs_on_drift not in ("trim", "exclude"):
+            raise ConfigError(f"pairs_on_drift must be trim or exclude, got {self.pairs_on_drift!r}")
         if self.dpo_reference not in ("base", "parent"):
             raise ConfigError(f"dpo_reference must be base or parent, got {self.dpo_reference!r}")
         if self.dpo_device not in ("auto", "cpu", "cuda"):

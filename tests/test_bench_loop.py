@@ -34,7 +34,7 @@ def result(*rows: tuple[str, str | None, float, float]) -> dict:
                "evals": {"heldout": ev(heldout), "storage": ev(storage, 12)}}
         if i:
             row.update(traffic={"n": 32, "solved": 8}, gate={"candidate_rate": 0.5, "current_rate": 0.4, "n_tasks": 24},
-                       counts={"pairs": 20, "explore_rollouts": 48, "drift_excluded": 1},
+                       counts={"pairs": 20, "explore_rollouts": 48, "drift_excluded": 1, "drift_trimmed": 3},
                        timings={"train": 300.0, "gate": 100.0})
         out["rows"].append(row)
     return out
@@ -91,7 +91,7 @@ def test_each_evaluated_candidate_is_compared_task_by_task_with_what_served_befo
 def test_table_and_report_files(tmp_path: Path) -> None:
     r = result(("base", None, 0.2, 0.5), ("promoted", "hone-v1", 0.3, 0.5))
     t = table(r)
-    assert "| cycle 1 | hone-v1 | promoted | 8/32 | 50.0% vs 40.0% (n=24) | 30.0% (12/40) | 50.0% (6/12) | 20 | 48 | 1 | 300 | 400 |" in t
+    assert "| cycle 1 | hone-v1 | promoted | 8/32 | 50.0% vs 40.0% (n=24) | 30.0% (12/40) | 50.0% (6/12) | 20 | 48 | 1 / 3 | 300 | 400 |" in t
     r["rows"][1]["gate"]["candidates"] = [{"version": "hone-v1", "epoch": 2, "candidate_rate": 0.5},
                                           {"version": "hone-v1-e1", "epoch": 1, "candidate_rate": 0.45}]
     assert "| 50.0% vs 40.0% (n=24); epochs 2: 50.0%, 1: 45.0% |" in table(r)  # gate_candidates > 1

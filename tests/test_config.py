@@ -37,6 +37,7 @@ def test_env_beats_toml_and_types_are_coerced(tmp_path: Path) -> None:
     ({"HONE_PORT": "70000"}, "port"),
     ({"HONE_DPO_DEVICE": "tpu"}, "dpo_device must be auto, cpu or cuda"),
     ({"HONE_DPO_REFERENCE": "self"}, "dpo_reference must be base or parent"),
+    ({"HONE_PAIRS_ON_DRIFT": "keep"}, "pairs_on_drift must be trim or exclude"),
     ({"HONE_GATE_CANDIDATES": "3"}, r"gate_candidates \(3\) exceeds dpo_epochs \(2\)"),
     ({"HONE_GATE_MAX_P": "0"}, r"gate_max_p must be in \(0, 1\], got 0.0"),
     ({"HONE_GATE_MAX_P": "1.5"}, r"gate_max_p must be in \(0, 1\]"),

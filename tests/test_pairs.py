@@ -206,19 +206,47 @@ def test_history_assistant_turns_are_context(store: TrajectoryStore) -> None:
     assert seq.ids == (5, 6, 7, 8, 9) and seq.mask == (0, 0, 0, 0, 1)
 
 
-def test_drift_raises(store: TrajectoryStore) -> None:
+def test_a_retokenized_completion_tail_is_trimmed_not_trained(store: TrajectoryStore) -> None:
+    # step 1 generated 10, 11; step 2 was served 10, 99 (the same text re-rendered as other tokens)
+    t = logged(store, two_step_messages(drift=True))
+    seq = trajectory_sequence(t)
+    # 11 is left out: 99 follows 10 as context, exactly what step 2 was served; 30-32 are trained in it
+    assert seq.ids == (1, 2, 3, 10, 99, 20, 21, 30, 31, 32) and seq.mask == (0, 0, 0, 1, 0, 0, 0, 1, 1, 1)
+    assert seq.untrained == 1 and seq.n_generated == 4
+    assert trajectory_sequence(logged(store, two_step_messages())).untrained == 0
+
+
+def test_drift_raises_when_excluding(store: TrajectoryStore) -> None:
     t = logged(store, two_step_messages(drift=True))
     with pytest.raises(SequenceError) as e:
-        trajectory_sequence(t)
+        trajectory_sequence(t, on_drift="exclude")
     assert e.value.kind == "drift"
     assert "step 2" in str(e.value) and "first difference at token 4" in str(e.value)
+    with pytest.raises(ValueError, match="on_drift must be one of trim, exclude"):
+        trajectory_sequence(t, on_drift="keep")
 
 
-def test_shorter_prompt_is_drift(store: TrajectoryStore) -> None:
-    msgs = [{"role": "user", "content": "q"}, gen([1, 2, 3], [4, 5]), gen([1, 2, 3, 4], [6])]
+def test_drift_before_the_previous_completion_is_excluded_even_when_trimming(store: TrajectoryStore) -> None:
+    # step 2's prompt re-rendered the history (token 2 of the system prompt), not step 1's output:
+    # nothing generated explains it, so the run would train on a context the model never saw
+    msgs = [{"role": "user", "content": "q"}, gen([1, 2, 3], [4, 5]), gen([1, 7, 3, 4, 5, 8], [6])]
     with pytest.raises(SequenceError) as e:
         trajectory_sequence(logged(store, msgs))
-    assert e.value.kind == "drift"
+    assert e.value.kind == "drift" and "first difference at token 1" in str(e.value)
+
+
+def test_a_prompt_that_drops_the_end_of_the_completion_is_trimmed(store: TrajectoryStore) -> None:
+    msgs = [{"role": "user", "content": "q"}, gen([1, 2, 3], [4, 5]), gen([1, 2, 3, 4], [6])]
+    seq = trajectory_sequence(logged(store, msgs))
+    assert seq.ids == (1, 2, 3, 4, 6) and seq.mask == (0, 0, 0, 1, 1) and seq.untrained == 1
+    with pytest.raises(SequenceError):
+        trajectory_sequence(logged(store, msgs), on_drift="exclude")
+
+
+def test_a_completion_retokenized_from_its_first_token_keeps_the_run(store: TrajectoryStore) -> None:
+    msgs = [{"role": "user", "content": "q"}, gen([1, 2, 3], [4, 5]), gen([1, 2, 3, 9, 9, 8], [6, 7])]
+    seq = trajectory_sequence(logged(store, msgs))
+    assert seq.ids == (1, 2, 3, 9, 9, 8, 6, 7) and seq.mask == (0, 0, 0, 0, 0, 0, 1, 1) and seq.untrained == 2
 
 
 def test_no_generated_steps(store: TrajectoryStore) -> None:
@@ -423,9 +451,12 @@ def test_build_pairs_excludes_duplicates_drift_and_empty_runs(log: Log) -> None:
     log.run(k, False, drift=True)
     log.run(k, False, steps=False, status="engine_error")  # heuristic failure, nothing generated
     log.label()
-    built = build_pairs(log.store, collect(log.db, val_fraction=VAL), per_task=10, max_pairs=10)
-    assert built.excluded == {"duplicate": 1, "drift": 1, "no_steps": 1}
+    built = build_pairs(log.store, collect(log.db, val_fraction=VAL), per_task=10, max_pairs=10, on_drift="exclude")
+    assert built.excluded == {"duplicate": 1, "drift": 1, "no_steps": 1} and built.drift_trimmed == 0
     assert len(built.pairs) == 1
+    trimmed = build_pairs(log.store, collect(log.db, val_fraction=VAL), per_task=10, max_pairs=10)
+    assert trimmed.excluded == {"duplicate": 1, "no_steps": 1} and trimmed.drift_trimmed == 1
+    assert len(trimmed.pairs) == 2
     (pair,) = built.pairs
     assert pair.rejected.trajectory_id == f1
     # which copy of the duplicate is kept: the newer one (rows are read newest first)
@@ -436,10 +467,13 @@ def test_build_pairs_excludes_duplicates_drift_and_empty_runs(log: Log) -> None:
 def test_build_pairs_skips_tasks_whose_contrast_did_not_survive(log: Log) -> None:
     (k,) = keys("train", 1)
     log.run(k, True)
-    log.run(k, False, drift=True)  # the only failure drifts: no pair for this task
+    log.run(k, False, drift=True)  # the only failure drifts: excluded, no pair for this task
     log.label()
-    built = build_pairs(log.store, collect(log.db, val_fraction=VAL), per_task=4, max_pairs=10)
+    groups = collect(log.db, val_fraction=VAL)
+    built = build_pairs(log.store, groups, per_task=4, max_pairs=10, on_drift="exclude")
     assert built.pairs == [] and built.excluded == {"drift": 1}
+    (pair,) = build_pairs(log.store, groups, per_task=4, max_pairs=10).pairs  # trimmed, it gives the pair
+    assert pair.rejected.untrained == 1 and pair.rejected.mask == (0, 0, 0, 1, 0, 0, 1, 1)
 
 
 def test_build_pairs_max_pairs_keeps_the_newest_and_no_validation_task(log: Log) -> None:
