@@ -218,7 +218,8 @@ def train_adapter(
         times = {k: round(v, 3) for k, v in timings.items()}
         meta = {
             "format": 1, "parent": str(parent_adapter) if parent_adapter else None, "base_model": str(model_dir),
-            "reference": "parent (the warm start)" if ref_is_parent else "base (adapter disabled)", "config": asdict(cfg), "epoch": epoch, "counts": counts,
+            "reference": "parent (the warm start)" if ref_is_parent else "base (adapter disabled)",
+            "config": asdict(cfg), "epoch": epoch, "counts": counts,
             "metrics": metrics, "timings": times, "history": done, "probe": probe,
         }
         (tmp / "hone-adapter.json").write_text(json.dumps(meta, indent=1))
