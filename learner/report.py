@@ -12,7 +12,8 @@ from .gate import guard_counts
 
 # The learner settings loop.md names: those runs were compared on (docs/benchmarks.md).
 REPORTED_SETTINGS = ("pairs_per_task", "max_pairs", "explore_budget", "dpo_beta", "dpo_lr", "dpo_epochs",
-                     "dpo_nll_weight", "gate_candidates", "gate_margin", "gate_max_p", "gate_pool_guard")
+                     "dpo_nll_weight", "dpo_reference", "pairs_on_drift", "gate_candidates", "gate_margin", "gate_max_p",
+                     "gate_pool_guard")
 
 
 def _pct(x: float | None) -> str:
