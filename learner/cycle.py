@@ -2,7 +2,8 @@
 numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learner/cycles).
 
     label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
-    -> pairs (token-exact; retokenized tails untrained) -> train (LoRA-DPO) -> check files -> gate -> guard -> swap
+    -> pairs (token-exact; retokenized tails untrained) -> train (LoRA-DPO) -> check files -> gate
+    -> guard -> swap
 
 With gate_pool_guard the gate's p-value test counts the guard's tasks too (gate.pooled).
 
