@@ -12,7 +12,8 @@ template or tokenizer rendered history differently than it was sampled), two cas
   difference and continues with the next prompt as it was served, as context. Every trained token is
   then one the model generated, in the context it was generated in; only the retokenized tail goes
   untrained (`TokenSequence.untrained`). Excluding these runs instead lost 20-30% of successes against
-  11-13% of failures (docs/learner.md), and every storage success: storage is solved only with tools.
+  11-13% of failures (docs/learner.md), and in run 27's first cycle every storage pair (storage is
+  solved only with tools).
 - The history before it differs (or on_drift="exclude"): the run is excluded and counted, because
   training on it would push up tokens the model never produced.
 """
