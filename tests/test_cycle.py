@@ -13,6 +13,7 @@ import pytest
 
 from learner import worker
 from learner.cycle import Cycle
+from learner.pairs import PairSet
 from learner.registry import Registry
 from learner.tasks import TaskFileError
 from learner.train import TrainingError
@@ -42,7 +43,7 @@ def pair(group: str, length: int) -> Pair:
 def untrained_cycle(settings: Settings, monkeypatch, *, pairs: list[Pair]) -> tuple[Registry, Cycle]:
     """A cycle whose pair building returns `pairs` and which fails the test if it trains."""
     settings.ensure_dirs()
-    built = SimpleNamespace(pairs=pairs, excluded={})
+    built = PairSet(pairs, {})
     monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: built)
 
     def no_training(*a, **k):
@@ -88,7 +89,7 @@ def test_cancelling_a_cycle_mid_training_stops_the_training(tmp_path: Path, monk
     settings = Settings.load(env={"HONE_HOME": str(tmp_path / "home"), "HONE_MIN_PAIRS": "1",
                                   "HONE_GATE_TASKS_FILE": str(gate_file)})
     settings.ensure_dirs()
-    built = SimpleNamespace(pairs=[pair("t1", 100)], excluded={})
+    built = PairSet([pair("t1", 100)], {})
     monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: built)
     monkeypatch.setattr("learner.cycle.ensure_model", lambda *a, **k: "model")
     training, stopped = threading.Event(), threading.Event()
@@ -137,7 +138,7 @@ def gated_cycle(tmp_path: Path, monkeypatch, *, pool: bool, solved: dict[str, se
                                   "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_GUARD_FILE": str(guard_file),
                                   "HONE_GATE_MAX_P": "0.25", "HONE_GATE_POOL_GUARD": str(pool).lower()})
     settings.ensure_dirs()
-    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: SimpleNamespace(pairs=[pair("t1", 100)], excluded={}))
+    monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: PairSet([pair("t1", 100)], {}))
     monkeypatch.setattr("learner.cycle.ensure_model", lambda *a, **k: "model")
     monkeypatch.setattr("learner.train_process.train_adapter_isolated", lambda model, pairs, cfg, out, **k: SimpleNamespace(
         path=out, metrics={}, counts={}, timings={}, epoch=1, snapshots=[]))
