@@ -100,7 +100,8 @@ def first_calculation(messages: list[dict[str, Any]]) -> tuple[str | None, str |
 
 
 def tally(rows: list[tuple[str, Any, bool, str | None]]) -> dict[str, Any]:
-    """rows: (question, expected answer, solved, first expression or None when not known)."""
+    """rows: (question, expected answer, solved, first calculator expression: None if there was no
+    call, NOT_LOGGED if the run is not at hand)."""
     out: dict[str, Any] = {}
     for question, answer, solved, expression in rows:
         need = needed(question, answer)
@@ -127,13 +128,17 @@ def from_eval(home: Path, eval_id: str) -> tuple[str, dict[str, Any]]:
     if ev is None:
         raise LookupError(f"no eval {eval_id!r} in {home / 'hone.db'} (hone evals lists them)")
     rows = []
+    unread = 0  # results whose run is missing or never reached the model (an engine error): no question to read
     with TrajectoryStore(home / "hone.db") as store:
         for r in ev["results"]:
             traj = store.get(r["trajectory_ids"][-1]) if r["trajectory_ids"] else None
             question, expression = first_calculation(traj["messages"]) if traj else (None, None)
-            if question is not None:
+            if question is None:
+                unread += 1
+            else:
                 rows.append((question, r["expected"], r["success"], expression))
-    return f"{ev['adapter'] or 'served'} ({eval_id}, {Path(ev['tasks_file']).name})", tally(rows)
+    name = f"{ev['adapter'] or 'served'} ({eval_id}, {Path(ev['tasks_file']).name})"
+    return name + (f" [{unread} results without a readable run left out]" if unread else ""), tally(rows)
 
 
 def from_ceiling(tasks_file: Path, ceiling_file: Path) -> tuple[str, dict[str, Any]]:
@@ -175,7 +180,8 @@ def pair_directions(home: Path, cycle: int) -> dict[str, int]:
     counts: collections.Counter[str] = collections.Counter()
     with TrajectoryStore(home / "hone.db") as store:
         built = build_pairs(store, groups, per_task=settings.pairs_per_task, max_pairs=settings.max_pairs,
-                            model_dir=settings.model_path, on_drift=settings.pairs_on_drift)
+                            model_dir=settings.model_path, on_drift=settings.pairs_on_drift,
+                            balance_operations=settings.pairs_balance_operations)
         for p in built.pairs:
             chosen, rejected = (operation(store.get(s.trajectory_id)) for s in (p.chosen, p.rejected))
             counts[f"{chosen} over {rejected}"] += 1

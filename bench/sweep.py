@@ -127,7 +127,8 @@ def main() -> int:
             groups = keep_new(groups, since)
         with TrajectoryStore(s.db_path) as store:
             built = build_pairs(store, groups, per_task=s.pairs_per_task, max_pairs=s.max_pairs,
-                                model_dir=s.model_path, on_drift=s.pairs_on_drift)
+                                model_dir=s.model_path, on_drift=s.pairs_on_drift,
+                                balance_operations=s.pairs_balance_operations)
         model_dir = ensure_model(s)
         t0 = time.perf_counter()
         result = train_adapter_isolated(model_dir, built.pairs, train_config(s), adapter_dir, parent_adapter=parent,
@@ -135,7 +136,7 @@ def main() -> int:
         row = {"name": name, "overrides": overrides, "cycle": args.cycle, "parent": args.parent,
                "tasks_from": args.tasks_from, "new_since": args.new_since, "pairs": len(built.pairs),
                "pair_tasks": len({p.group for p in built.pairs}), "excluded": built.excluded,
-               "drift_trimmed": built.drift_trimmed,
+               "drift_trimmed": built.drift_trimmed, "unbalanced": built.unbalanced,
                "train_s": round(time.perf_counter() - t0, 1), "metrics": result.metrics, "counts": result.counts}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -119,12 +119,14 @@ class Cycle:
             with TrajectoryStore(s.db_path) as store:
                 built = await asyncio.to_thread(build_pairs, store, groups, per_task=s.pairs_per_task,
                                                 max_pairs=s.max_pairs, model_dir=s.model_path,
-                                                on_drift=s.pairs_on_drift)
+                                                on_drift=s.pairs_on_drift,
+                                                balance_operations=s.pairs_balance_operations)
             self.counts["pairs"] = len(built.pairs)
             self.counts["pair_tasks"] = len({p.group for p in built.pairs})
             self.counts["excluded"] = built.excluded
             self.counts["drift_excluded"] = built.excluded.get("drift", 0)
             self.counts["drift_trimmed"] = built.drift_trimmed
+            self.counts["unbalanced"] = built.unbalanced
         fitting = sum(p.fits(s.dpo_max_length) for p in built.pairs)
         if fitting < s.min_pairs:  # the trainer drops longer pairs; with too few left it would fail
             too_long = f" ({len(built.pairs) - fitting} longer than dpo_max_length={s.dpo_max_length})" \

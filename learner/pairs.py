@@ -4,13 +4,23 @@ Attempts are grouped by task key (learner.tasks). In a training task with both a
 failure, each success is paired with each failure (chosen, rejected), newest first, at most
 `per_task` pairs per task and never the same two generations twice. Gate and eval runs never
 become training data; validation tasks never do either.
+
+With `balance_operations`, a pair whose chosen and rejected runs both start with a one-operation
+calculator call (`a op b`) with different operations is kept only while its direction ("+ over -")
+is no more frequent than the reverse ("- over +"). A cycle trains on a few dozen pairs, and DPO
+learns their net operator direction as a rule for every question: run 29's cycle 2 had `+` over `-`
+5 times against twice, and its candidate wrote `+` where it had multiplied and subtracted
+(docs/benchmarks.md, "What the plateau is made of"). Balanced, the same pairs gave a candidate that
+kept every operation and won the gate (87 vs 69 of 200).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -102,13 +112,55 @@ class PairSet:
     pairs: list[Pair]
     excluded: dict[str, int]  # why trajectories were left out: drift, no_steps, render
     drift_trimmed: int = 0  # trajectories kept with a retokenized step's tail untrained (learner/sequences.py)
+    unbalanced: int = 0  # pairs left out by balance_operations: their operator direction outnumbered its reverse
+
+
+_ONE_OPERATION = re.compile(r"\s*\d[\d,]*(?:\.\d+)?\s*([-+*/])\s*\d[\d,]*(?:\.\d+)?\s*")
+
+
+def first_operation(traj: dict[str, Any]) -> str | None:
+    """The operator of the run's first model call when that call is the calculator on `a op b`."""
+    step = next((m for m in traj.get("messages", []) if m["role"] == "assistant" and m.get("generated")), None)
+    calls = (step or {}).get("tool_calls") or []
+    if not calls:
+        return None
+    fn = calls[0].get("function", calls[0])
+    if fn.get("name") != "calculator":
+        return None
+    args = fn.get("arguments")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except ValueError:
+        return None
+    m = _ONE_OPERATION.fullmatch(str((args or {}).get("expression", "")))
+    return m[1] if m else None
+
+
+def balance(pairs: list[Pair], operation: dict[str, str | None]) -> list[Pair]:
+    """Keep 'a over b' pairs (a != b, both one-operation calculator calls), in the given order, only
+    up to the number of 'b over a' pairs; every other pair is kept."""
+    def direction(p: Pair) -> tuple[str | None, str | None]:
+        return operation.get(p.chosen.trajectory_id or ""), operation.get(p.rejected.trajectory_id or "")
+
+    available: collections.Counter[tuple[str | None, str | None]] = collections.Counter(map(direction, pairs))
+    kept: collections.Counter[tuple[str | None, str | None]] = collections.Counter()
+    out = []
+    for p in pairs:
+        a, b = direction(p)
+        if a is not None and b is not None and a != b:
+            if kept[(a, b)] >= available[(b, a)]:
+                continue
+            kept[(a, b)] += 1
+        out.append(p)
+    return out
 
 
 def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pairs: int,
-                model_dir: Any = None, on_drift: str = "trim") -> PairSet:
+                model_dir: Any = None, on_drift: str = "trim", balance_operations: bool = False) -> PairSet:
     pairs: list[Pair] = []
     excluded: dict[str, int] = defaultdict(int)
     trimmed = 0
+    operation: dict[str, str | None] = {}  # trajectory id -> its first calculator operation
     for key, rows in groups.train.items():
         if not has_contrast(rows):
             continue
@@ -124,6 +176,7 @@ def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pa
                 excluded[e.kind] += 1
                 continue
             trimmed += seq.untrained > 0
+            operation[row["id"]] = first_operation(traj)
             digest = _generated(seq)
             if digest in seen:  # the same generation twice adds no information
                 excluded["duplicate"] += 1
@@ -135,4 +188,5 @@ def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pa
         order = sorted(itertools.product(range(len(good)), range(len(bad))), key=sum)[:per_task]
         pairs.extend(Pair(good[i], bad[j], key) for i, j in order)
     pairs.sort(key=lambda p: max(p.chosen.trajectory_id or "", p.rejected.trajectory_id or ""), reverse=True)
-    return PairSet(pairs[:max_pairs], dict(excluded), trimmed)
+    kept = balance(pairs, operation) if balance_operations else pairs
+    return PairSet(kept[:max_pairs], dict(excluded), trimmed, unbalanced=len(pairs) - len(kept))

@@ -84,6 +84,9 @@ class Settings:
     # A run whose next prompt re-rendered the end of the previous step's output as other tokens (same
     # text): trim = train on it up to that point (exact: docs/learner.md), exclude = leave it out.
     pairs_on_drift: str = "trim"  # trim | exclude
+    # Keep "a over b" calculator-operation pairs only as often as "b over a": a few dozen pairs otherwise
+    # teach their net operator direction as a rule for every question (learner/pairs.py).
+    pairs_balance_operations: bool = True
     explore_attempts: int = 4  # sampled re-runs of a task that lacks contrast
     explore_budget: int = 256  # rollouts per cycle: most of a cycle's pairs come from exploration
     explore_temperature: float = 0.7

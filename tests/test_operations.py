@@ -71,11 +71,13 @@ def test_an_eval_in_a_real_log_is_tallied_by_needed_operation(tmp_path: Path, ca
     for i, ((q, expected, _, _, ok), tid) in enumerate(zip(cases, ids)):
         task = Task(key=f"file:t{i}", messages=({"role": "user", "content": q},), expected=expected, check="numeric")
         evals.add_result("ev-1", task, TaskResult(f"t{i}", "asdiv", ok, "ok", trajectory_ids=[tid]))
+    lost = Task(key="file:t9", messages=({"role": "user", "content": "Ann has 6 pens and buys 5."},), expected=11)
+    evals.add_result("ev-1", lost, TaskResult("t9", "asdiv", False, "engine_error"))  # never reached the model
     evals.close()
 
     assert operations.main(["--home", str(tmp_path), "--eval", "ev-1", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report == {"hone-v1 (ev-1, heldout.jsonl)": {
+    assert report == {"hone-v1 (ev-1, heldout.jsonl) [1 results without a readable run left out]": {
         "+": {"n": 1, "solved": 1, "failures": {}},
         "-": {"n": 1, "solved": 0, "failures": {"swapped": 1}},
         "/": {"n": 2, "solved": 1, "failures": {"used *": 1}},

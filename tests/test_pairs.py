@@ -305,14 +305,14 @@ class Log:
 
     def run(self, key: str, ok: bool, *, source: str = "serve", thread_id: str | None = None,
             completion: list[int] | None = None, drift: bool = False, steps: bool = True,
-            status: str = "ok", expected=42) -> str:
+            status: str = "ok", expected=42, call: list[dict] | None = None) -> str:
         meta = {"task_id": key} if expected is None else {"task_id": key, "expected_answer": expected}
         tid = self.store.start(caller="a", thread_id=thread_id, request={"input": f"question {key}"},
                                metadata=meta, request_key=f"rk-{key}", source=source, model="hone-base")
         done = completion or [next(self._tok), next(self._tok)]
         msgs: list[dict] = [{"role": "user", "content": f"question {key}"}]
         if steps:
-            msgs.append(gen([1, 2, 3], [7, 8], content="", tool_calls=CALL))
+            msgs.append(gen([1, 2, 3], [7, 8], content="", tool_calls=call or CALL))
             msgs.append({"role": "tool", "content": "42", "tool_call_id": "c1", "name": "python"})
             msgs.append(gen([1, 2, 3, 7, 9 if drift else 8, 4], done, content="42" if ok else "0"))
         self.store.finish(tid, status=status, messages=msgs, final_answer="42" if ok else "0")
@@ -491,6 +491,42 @@ def test_build_pairs_max_pairs_keeps_the_newest_and_no_validation_task(log: Log)
     assert not any({p.chosen.trajectory_id, p.rejected.trajectory_id} & val_ids for p in built.pairs)
     capped = build_pairs(log.store, groups, per_task=4, max_pairs=2)
     assert ids_of(capped.pairs) == [tuple(made[train[3]]), tuple(made[train[2]])]  # the two newest tasks
+
+
+def calc(expression: str) -> list[dict]:
+    return [{"id": "c1", "type": "function",
+             "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}]
+
+
+def test_balance_operations_keeps_an_operator_direction_only_as_often_as_its_reverse(log: Log) -> None:
+    train = keys("train", 6)
+    made = {}
+    # three tasks teach "+ over -", one "- over +", one "* over /"; the last pits a python call against "+"
+    for k, (good, bad) in zip(train, [("6 + 7", "6 - 7"), ("1 + 2", "2 - 1"), ("3 + 4", "4 - 3"),
+                                      ("9 - 5", "9 + 5"), ("8 * 2", "8 / 2"), (None, "4 + 4")]):
+        made[k] = (log.run(k, True, call=calc(good) if good else None,  # None: the python call
+                           completion=[len(made) * 10 + 1, 2]), log.run(k, False, call=calc(bad)))
+    log.label()
+    groups = collect(log.db, val_fraction=VAL)
+    everything = build_pairs(log.store, groups, per_task=1, max_pairs=100)
+    assert len(everything.pairs) == 6 and everything.unbalanced == 0
+    built = build_pairs(log.store, groups, per_task=1, max_pairs=100, balance_operations=True)
+    # one "+ over -" (the newest) beside the one "- over +"; "* over /" has no reverse; python vs "+" stays
+    assert sorted(ids_of(built.pairs)) == sorted([made[train[2]], made[train[3]], made[train[5]]])
+    assert built.unbalanced == 3
+    assert len(build_pairs(log.store, groups, per_task=1, max_pairs=2, balance_operations=True).pairs) == 2
+
+
+def test_first_operation_reads_only_a_one_operation_calculator_call_made_first() -> None:
+    from learner.pairs import first_operation
+
+    def run(*messages: dict) -> dict:
+        return {"messages": [{"role": "user", "content": "q"}, *messages]}
+    assert first_operation(run(gen(None, None, tool_calls=calc("1,200 / 4")))) == "/"
+    assert first_operation(run(gen(None, None, tool_calls=calc("(3 + 4) * 2")))) is None
+    assert first_operation(run(gen(None, None, tool_calls=CALL))) is None  # python
+    assert first_operation(run(gen(None, None, content="7"), gen(None, None, tool_calls=calc("3 + 4")))) is None
+    assert first_operation(run({"role": "assistant", "content": "", "tool_calls": calc("1 + 1")})) is None  # an example
 
 
 def test_build_pairs_on_empty_groups() -> None:
