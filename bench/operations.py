@@ -38,12 +38,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from learner.pairs import ONE_OPERATION, first_operation  # noqa: E402
+
 OPERATIONS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
               "/": lambda a, b: a / b if b else float("nan")}
 MULTI = "other"  # not one operation on two of the question's numbers (several steps, or a number in words)
 NOT_LOGGED = ...  # a result without its trajectory (bench/ceiling.py's): counted, failures not classified
 _NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
-_BINARY = re.compile(r"\s*(\d[\d,]*(?:\.\d+)?)\s*([-+*/])\s*(\d[\d,]*(?:\.\d+)?)\s*")
 
 
 def numbers(text: str) -> list[float]:
@@ -70,7 +71,7 @@ def what_it_did(need: tuple[str, float, float], expression: str | None) -> str:
     """How a failed attempt's first calculator expression differs from the one the answer needs."""
     if expression is None:
         return "no call"
-    m = _BINARY.fullmatch(expression)
+    m = ONE_OPERATION.fullmatch(expression)
     if not m:
         return "longer"
     op, a, b = need
@@ -144,7 +145,10 @@ def from_eval(home: Path, eval_id: str) -> tuple[str, dict[str, Any]]:
 def from_ceiling(tasks_file: Path, ceiling_file: Path) -> tuple[str, dict[str, Any]]:
     tasks = {t["id"]: t for t in map(json.loads, tasks_file.read_text().splitlines()) if "question" in t}
     report = json.loads(ceiling_file.read_text())
-    per_task = report["pools"]["heldout"]["per_task"]
+    try:
+        per_task = report["pools"]["heldout"]["per_task"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{ceiling_file} is not a bench/ceiling.py report with a heldout pool") from None
     rows = [(tasks[k]["question"], tasks[k]["answer"], bool(v["greedy"]), NOT_LOGGED) for k, v in per_task.items() if k in tasks]
     return f"{report.get('adapter', '?')} greedy ({ceiling_file.name})", tally(rows)
 
@@ -167,15 +171,13 @@ def pair_directions(home: Path, cycle: int) -> dict[str, int]:
         registry.close()
 
     def operation(traj: dict[str, Any] | None) -> str:
-        calls = [c.get("function", c) for m in (traj or {}).get("messages", []) if m.get("generated")
-                 for c in m.get("tool_calls") or []]
-        if not calls:
+        """The balancing rule's view (learner.pairs.first_operation), else what the first call was."""
+        if traj is None:
             return "no call"
-        if calls[0].get("name") != "calculator":
-            return str(calls[0].get("name"))
-        _, expression = first_calculation(traj["messages"])
-        m = _BINARY.fullmatch(expression or "")
-        return m[2] if m else "longer"
+        if op := first_operation(traj):
+            return op
+        calls = [c.get("function", c) for m in traj["messages"] if m.get("generated") for c in m.get("tool_calls") or []]
+        return "no call" if not calls else "longer" if calls[0].get("name") == "calculator" else str(calls[0].get("name"))
 
     counts: collections.Counter[str] = collections.Counter()
     with TrajectoryStore(home / "hone.db") as store:

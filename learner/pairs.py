@@ -115,7 +115,7 @@ class PairSet:
     unbalanced: int = 0  # pairs left out by balance_operations: their operator direction outnumbered its reverse
 
 
-_ONE_OPERATION = re.compile(r"\s*\d[\d,]*(?:\.\d+)?\s*([-+*/])\s*\d[\d,]*(?:\.\d+)?\s*")
+ONE_OPERATION = re.compile(r"\s*(\d[\d,]*(?:\.\d+)?)\s*([-+*/])\s*(\d[\d,]*(?:\.\d+)?)\s*")  # a op b
 
 
 def first_operation(traj: dict[str, Any]) -> str | None:
@@ -132,8 +132,8 @@ def first_operation(traj: dict[str, Any]) -> str | None:
         args = json.loads(args) if isinstance(args, str) else args
     except ValueError:
         return None
-    m = _ONE_OPERATION.fullmatch(str((args or {}).get("expression", "")))
-    return m[1] if m else None
+    m = ONE_OPERATION.fullmatch(str((args or {}).get("expression", "")))
+    return m[2] if m else None
 
 
 def balance(pairs: list[Pair], operation: dict[str, str | None]) -> list[Pair]:

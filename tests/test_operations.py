@@ -105,3 +105,7 @@ def test_missing_inputs_are_clear_errors(tmp_path: Path, capsys: pytest.CaptureF
     assert "no trajectory log" in capsys.readouterr().err
     assert operations.main(["--ceiling", str(tmp_path / "c.json")]) == 2
     assert "needs --tasks" in capsys.readouterr().err
+    (tmp_path / "c.json").write_text('{"pools": {}}')
+    tasks = ROOT / "bench" / "data" / "asdiv-a-heldout-200.jsonl"
+    assert operations.main(["--tasks", str(tasks), "--ceiling", str(tmp_path / "c.json")]) == 2
+    assert "not a bench/ceiling.py report" in capsys.readouterr().err
