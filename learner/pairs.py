@@ -161,6 +161,7 @@ def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pa
     excluded: dict[str, int] = defaultdict(int)
     trimmed = 0
     operation: dict[str, str | None] = {}  # trajectory id -> its first calculator operation
+    trials: set[str] = set()
     for key, rows in groups.train.items():
         if not has_contrast(rows):
             continue
@@ -183,7 +184,11 @@ def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pa
                 continue
             seen.add(digest)
             seqs[row["label"]].append(seq)
-        good, bad = seqs[SUCCESS], seqs[FAILURE]
+            if (traj.get("metadata") or {}).get("explore_operation"):
+                trials.add(row["id"])
+        # The model's own runs before operator trials (learner/explore.py): a trial that succeeded is
+        # worth most against what the model did unprompted, not against another forced operation.
+        good, bad = (sorted(seqs[label], key=lambda q: q.trajectory_id in trials) for label in (SUCCESS, FAILURE))
         # Newest pairs first, spread over both sides rather than one success against every failure.
         order = sorted(itertools.product(range(len(good)), range(len(bad))), key=sum)[:per_task]
         pairs.extend(Pair(good[i], bad[j], key) for i, j in order)

@@ -74,7 +74,8 @@ class AgentRunner:
         self.engine = engine
 
     async def attempt(self, task: Task, *, source: str, namespace: str, adapter: str | None,
-                      temperature: float, extra_metadata: dict[str, Any] | None = None) -> Attempt:
+                      temperature: float, extra_metadata: dict[str, Any] | None = None,
+                      first_step_tools: list[dict[str, Any]] | None = None) -> Attempt:
         """One run of `task` (each turn of a multi-turn task, in `namespace`); engine outages raise
         (a cycle must not mistake them for model failures)."""
         steps = 0
@@ -97,6 +98,7 @@ class AgentRunner:
                 messages=from_openai(history + messages), caller="learner",
                 request_body={"messages": history + messages, "source": source},
                 metadata=metadata, source=source, namespace=namespace, adapter=adapter, temperature=temperature,
+                first_step_tools=first_step_tools if i == 0 else None,
             )
             try:
                 result = await self.service.run(req)

@@ -16,6 +16,11 @@ template or tokenizer rendered history differently than it was sampled), two cas
   solved only with tools).
 - The history before it differs (or on_drift="exclude"): the run is excluded and counted, because
   training on it would push up tokens the model never produced.
+
+An operator trial (learner/explore.py) was served its first step with the calculator narrowed to one
+operation, and that narrowing is written into the prompt's tool block. Serving never shows it, so the
+trial is re-rendered with the agent's own tool specs: the same conversation in the prompt the model
+is asked in.
 """
 
 from __future__ import annotations
@@ -68,7 +73,8 @@ def trajectory_sequence(traj: dict[str, Any], *, model_dir: Any = None, on_drift
     steps = [m for m in messages if m["role"] == "assistant" and m.get("generated")]
     if not steps:
         raise SequenceError("no_steps", f"{traj['id']}: the model generated nothing")
-    pieces = _steps_from_log(steps) or _steps_by_rendering(messages, model_dir)
+    trial = bool((traj.get("metadata") or {}).get("explore_operation"))
+    pieces = (None if trial else _steps_from_log(steps)) or _steps_by_rendering(messages, model_dir)
     ids: list[int] = []
     mask: list[int] = []
     completion_start = 0  # where the previous step's completion begins in ids

@@ -82,6 +82,10 @@ class RunContext:
     base_model: str = "hone-base"
     ensure_adapter: Callable[[str], Awaitable[bool]] | None = None  # load a missing adapter; False = failed
     fallback_to_base: bool = True  # False when the request named the adapter itself
+    # Tool specs for the run's first model call instead of those bound to `llm`. vLLM enforces a
+    # strict function's argument schema while sampling, so the learner's exploration can narrow what
+    # the first call may say (learner/explore.py, operator trials); later steps are the agent's own.
+    first_step_tools: list[dict[str, Any]] | None = None
     # filled in during the run
     steps: dict[str, StepRecord] = field(default_factory=dict)
     tools: dict[str, ToolRecord] = field(default_factory=dict)
@@ -150,9 +154,10 @@ async def agent_node(state: AgentState, runtime: Runtime[RunContext]) -> dict:
 
 
 async def _call_model(ctx: RunContext, messages: list[BaseMessage], model: str, extra: dict) -> AIMessage:
+    override = {"tools": ctx.first_step_tools} if ctx.first_step_tools and ctx.n_model_calls == 0 else {}
     try:
         return await ctx.llm.ainvoke(messages, model=model, temperature=ctx.temperature,
-                                     max_tokens=ctx.max_tokens, extra_body=extra)
+                                     max_tokens=ctx.max_tokens, extra_body=extra, **override)
     except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError) as e:
         raise EngineError(f"engine call failed: {e}") from e
     except openai.NotFoundError:

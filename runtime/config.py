@@ -91,6 +91,9 @@ class Settings:
     explore_budget: int = 256  # rollouts per cycle: most of a cycle's pairs come from exploration
     explore_temperature: float = 0.7
     explore_concurrency: int = 8
+    # Try a numerically checked task once per calculator operation instead of `explore_attempts` free
+    # samples: the first call may only be `a op b` (learner/explore.py). Off until a loop run measures it.
+    explore_operator_trials: bool = False
     # Learner: DPO and LoRA
     dpo_beta: float = 0.1
     dpo_lr: float = 1e-4

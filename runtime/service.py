@@ -53,6 +53,7 @@ class RunRequest:
     adapter: str | None = None  # force a version ("base" for none); default: the active adapter
     temperature: float | None = None
     max_steps: int | None = None
+    first_step_tools: list[dict[str, Any]] | None = None  # tool specs for the first model call (RunContext)
 
 
 @dataclass
@@ -121,7 +122,7 @@ class AgentService:
             temperature=self.settings.temperature if req.temperature is None else req.temperature,
             max_tokens=self.settings.max_tokens,
             base_model=self.settings.served_model_name, ensure_adapter=self.ensure_adapter,
-            fallback_to_base=req.adapter is None,
+            fallback_to_base=req.adapter is None, first_step_tools=req.first_step_tools,
         )
         history: list[BaseMessage] = []
         try:

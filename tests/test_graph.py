@@ -263,3 +263,14 @@ async def test_the_routed_example_is_sent_and_logged_before_the_request(make_ser
     logged = store.get(result.trajectory_id)["messages"]
     routed = [m for m in logged if any(tc["id"] == "example_routed" for tc in m.get("tool_calls") or [])]
     assert len(routed) == 1 and not routed[0]["generated"]
+
+
+async def test_first_step_tools_replace_the_bound_tools_on_the_first_model_call_only(make_service) -> None:
+    narrowed = [{"type": "function", "function": {"name": "calculator", "parameters": {"pattern": "x"}}}]
+    svc, model, _ = make_service([call("calculator", expression="12 / 4"), AIMessage("Each gets 3.")])
+    result = await svc.run(req("12 apples for 4 friends?", first_step_tools=narrowed))
+    assert result.status == "ok" and len(model.calls) == 2
+    assert model.calls[0]["tools"] is narrowed and "tools" not in model.calls[1]
+    svc, model, _ = make_service([AIMessage("3")])
+    await svc.run(req("12 / 4?"))
+    assert "tools" not in model.calls[0]

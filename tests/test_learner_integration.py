@@ -378,3 +378,37 @@ def test_rollback_restores_the_previous_adapter_in_one_call(server) -> None:
     assert post_run(server, input="What is 5 + 6?")["adapter"] is None
     again = httpx.post(server.url + "/v1/adapters/rollback", timeout=120)
     assert again.status_code == 409 and "nothing to roll back" in again.json()["error"]["message"]
+
+
+def test_an_operator_trial_samples_only_its_operation_on_real_vllm(server) -> None:
+    """Operator trials rely on vLLM enforcing the narrowed strict schema while sampling: at
+    exploration's temperature the base model, asked a division question, calls the calculator only as
+    `a / b` (unnarrowed, it mostly writes `12 + 4` here)."""
+    import re
+
+    from learner.explore import operation_tools
+    from learner.runner import agent_runner, find_engine_url
+    from learner.tasks import Task
+    from runtime.config import Settings
+    from runtime.store import TrajectoryStore
+
+    settings = Settings.load(server.env)
+    question = "Tom shares 12 apples equally among 4 friends. How many apples does each friend get?"
+    task = Task("trial-division", ({"role": "user", "content": question},), 3)
+
+    async def attempts():
+        async with agent_runner(settings, find_engine_url(settings)) as runner:
+            return await runner.attempt_all([
+                dict(task=task, source="exploration", namespace=f"trial-{i}", adapter="base", temperature=0.7,
+                     extra_metadata={"explore_operation": "/"}, first_step_tools=operation_tools("/"))
+                for i in range(8)])
+
+    expressions = []
+    with TrajectoryStore(settings.db_path) as store:
+        for a in asyncio.run(attempts()):
+            first = next(m for m in store.get(a.trajectory_id)["messages"]
+                         if m["role"] == "assistant" and m.get("generated"))
+            expressions += [json.loads(c["function"]["arguments"])["expression"] for c in first.get("tool_calls") or []
+                            if c["function"]["name"] == "calculator"]
+    assert len(expressions) >= 3, expressions  # the model still chooses whether to call
+    assert all(re.fullmatch(r"[\d,.]+ ?/ ?[\d,.]+", e) for e in expressions), expressions

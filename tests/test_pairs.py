@@ -305,8 +305,9 @@ class Log:
 
     def run(self, key: str, ok: bool, *, source: str = "serve", thread_id: str | None = None,
             completion: list[int] | None = None, drift: bool = False, steps: bool = True,
-            status: str = "ok", expected=42, call: list[dict] | None = None) -> str:
+            status: str = "ok", expected=42, call: list[dict] | None = None, **metadata) -> str:
         meta = {"task_id": key} if expected is None else {"task_id": key, "expected_answer": expected}
+        meta.update(metadata)
         tid = self.store.start(caller="a", thread_id=thread_id, request={"input": f"question {key}"},
                                metadata=meta, request_key=f"rk-{key}", source=source, model="hone-base")
         done = completion or [next(self._tok), next(self._tok)]
@@ -515,6 +516,48 @@ def test_balance_operations_keeps_an_operator_direction_only_as_often_as_its_rev
     assert sorted(ids_of(built.pairs)) == sorted([made[train[2]], made[train[3]], made[train[5]]])
     assert built.unbalanced == 3
     assert len(build_pairs(log.store, groups, per_task=1, max_pairs=2, balance_operations=True).pairs) == 2
+
+
+def prepared_test_model() -> Path:
+    from runtime import model as M
+
+    if importlib.util.find_spec(M.GGUF_MODULE) is None:
+        pytest.skip(f"{M.GGUF_PACKAGE} not installed: no prepared model")
+    return M.prepare_model(TEST_MODEL_DIR, progress=lambda m: None)
+
+
+def test_an_operator_trial_is_trained_in_the_prompt_serving_shows(store: TrajectoryStore) -> None:
+    """A trial's first prompt held the narrowed calculator schema; training must not see it."""
+    from runtime import rendering as R
+
+    model_dir = prepared_test_model()
+    msgs = [{"role": "user", "content": "12 apples shared by 4?"},
+            gen([1, 2, 3], [7, 8], content="", tool_calls=calc("12 / 4")),
+            {"role": "tool", "content": "3", "tool_call_id": "c1", "name": "calculator"},
+            gen([1, 2, 3, 7, 8, 4], [5, 6], content="Each gets 3.")]
+    tid = store.start(caller="a", thread_id=None, request={"input": "q"}, request_key="k", model="hone-base",
+                      metadata={"task_id": "t", "expected_answer": 3, "explore_operation": "/"})
+    store.finish(tid, status="ok", messages=msgs, final_answer="Each gets 3.")
+    seq = trajectory_sequence(store.get(tid), model_dir=model_dir)
+    plain = [{k: v for k, v in m.items() if k in ("role", "content", "tool_calls", "tool_call_id", "name")}
+             for m in msgs]
+    full = R.render_ids(plain, TOOL_SPECS, model_dir, add_generation_prompt=False)
+    assert list(seq.ids) == full[: len(seq.ids)] and seq.ids[:3] != (1, 2, 3)  # not the logged ids
+    assert '"expression": "12 / 4"' in R.load_tokenizer(model_dir).decode([i for i, m in zip(seq.ids, seq.mask) if m])
+    assert "pattern" not in R.load_tokenizer(model_dir).decode(list(seq.ids))
+
+
+def test_an_operator_trial_is_paired_against_the_models_own_run_first(log: Log) -> None:
+    model_dir = prepared_test_model()
+    solved_by_trial, solved_freely = keys("train", 2)
+    own_failure = log.run(solved_by_trial, False, call=calc("12 * 4"))
+    trial_win = log.run(solved_by_trial, True, call=calc("12 / 4"), explore_operation="/")
+    log.run(solved_by_trial, False, call=calc("12 - 4"), explore_operation="-")  # newest failure: a trial
+    own_win = log.run(solved_freely, True, call=calc("3 + 4"))
+    trial_loss = log.run(solved_freely, False, call=calc("3 * 4"), explore_operation="*")
+    log.label()
+    built = build_pairs(log.store, collect(log.db, val_fraction=VAL), per_task=1, max_pairs=10, model_dir=model_dir)
+    assert sorted(ids_of(built.pairs)) == sorted([(trial_win, own_failure), (own_win, trial_loss)])
 
 
 def test_first_operation_reads_only_a_one_operation_calculator_call_made_first() -> None:
