@@ -60,11 +60,12 @@ async def explore(runner: AgentRunner, tasks: list[tuple[Task, int]], *, cycle_i
     s = runner.settings
     planned = plan(tasks, attempts=s.explore_attempts, budget=s.explore_budget,
                    operator_trials=s.explore_operator_trials)
+    narrowed = {op: operation_tools(op) for op in OPERATIONS}  # built once, shared read-only by the runs
     jobs = [
         dict(task=t, source="exploration", namespace=f"explore-c{cycle_id}-{i}", adapter=None,
              temperature=s.explore_temperature,
              extra_metadata={"cycle_id": cycle_id, **({"explore_operation": op} if op else {})},
-             first_step_tools=operation_tools(op) if op else None)
+             first_step_tools=narrowed[op] if op else None)
         for i, (t, op) in enumerate(planned)
     ]
     attempts: list[Attempt] = await runner.attempt_all(jobs, on_done=on_done)
