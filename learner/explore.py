@@ -38,7 +38,10 @@ def operation_tools(operation: str) -> list[dict[str, Any]]:
 
 
 def numeric(task: Task) -> bool:
-    return (task.check or default_check(task.expected)) == "numeric" and not task.turns
+    """A single-turn, numerically checked task that starts with empty storage. A run that found data
+    in storage is a recall ("Get gym_pin from storage. What is my gym PIN?"): its number is looked up,
+    not calculated (trials replaying run 30's cycle 2 spent 48 of 256 runs on recalls before this)."""
+    return (task.check or default_check(task.expected)) == "numeric" and not task.turns and not task.storage
 
 
 def plan(tasks: list[tuple[Task, int]], *, attempts: int, budget: int,

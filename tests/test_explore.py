@@ -45,10 +45,13 @@ def test_operation_tools_leave_the_agents_specs_and_other_tools_alone() -> None:
         operation_tools("%")
 
 
-def test_numeric_tasks_are_the_single_turn_numerically_checked_ones() -> None:
+def test_numeric_tasks_are_the_single_turn_numerically_checked_ones_with_empty_storage() -> None:
     assert numeric(task("a", 42)) and numeric(task("b", "1,234")) and numeric(task("c", "7", "numeric"))
     assert not numeric(task("d", "Paris")) and not numeric(task("e", "42", "exact"))
     assert not numeric(Task("f", (), 42, turns=(Turn("remember 42"), Turn("what was it?"))))
+    recall = Task("g", ({"role": "user", "content": "Get gym_pin from storage. What is my gym PIN?"},), 7745,
+                  storage={"gym_pin": "7745"})
+    assert not numeric(recall)
 
 
 def test_plan_free_samples_until_the_budget() -> None:
