@@ -137,6 +137,7 @@ def main() -> int:
                "tasks_from": args.tasks_from, "new_since": args.new_since, "pairs": len(built.pairs),
                "pair_tasks": len({p.group for p in built.pairs}), "excluded": built.excluded,
                "drift_trimmed": built.drift_trimmed, "unbalanced": built.unbalanced,
+               "reverse_trial_pairs": built.reserve_added,
                "train_s": round(time.perf_counter() - t0, 1), "metrics": result.metrics, "counts": result.counts}
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")

@@ -85,6 +85,15 @@ class Cycle:
         with self.registry.locked() as db:
             return collect(db, val_fraction=self.s.val_fraction)
 
+    def count_rollouts(self) -> Callable[[Any], None]:
+        """A callback that shows the current phase's finished rollouts in the cycle's progress."""
+        done = [0]
+
+        def tick(_attempt: Any) -> None:
+            done[0] += 1
+            self.registry.update_cycle(self.id, progress={"rollouts": done[0]})
+        return tick
+
     def finish(self, state: str, **fields: Any) -> str:
         self.registry.finish_cycle(self.id, state, timings=self.timings, counts=self.counts, progress=None, **fields)
         self.say(f"cycle {self.id}: {state}" + (f" ({fields['error']})" if fields.get("error") else ""))
@@ -105,15 +114,22 @@ class Cycle:
 
         if to_explore and s.explore_budget and s.explore_attempts:
             with self.phase("explore"):
-                done = [0]
-
-                def tick(_attempt) -> None:
-                    done[0] += 1
-                    self.registry.update_cycle(self.id, progress={"rollouts": done[0]})
-
-                self.counts.update(await exploration.explore(self.runner, to_explore, cycle_id=self.id, on_done=tick))
+                planned = exploration.plan(to_explore, attempts=s.explore_attempts, budget=s.explore_budget)
+                self.counts.update(await exploration.explore(self.runner, planned, cycle_id=self.id,
+                                                             on_done=self.count_rollouts()))
                 self.counts["labels_after_explore"] = await asyncio.to_thread(label_all, registry)
                 groups = self.collect()
+
+        if s.explore_operator_trials and s.explore_trial_budget:
+            with self.phase("trials"):  # after free sampling: for what it never solved, and the reverse
+                with TrajectoryStore(s.db_path) as store:
+                    trials = await asyncio.to_thread(exploration.trial_plan, groups, store,
+                                                     budget=s.explore_trial_budget)
+                if trials:
+                    self.counts.update(await exploration.explore(self.runner, trials, cycle_id=self.id,
+                                                                 prefix="trial", on_done=self.count_rollouts()))
+                    self.counts["labels_after_trials"] = await asyncio.to_thread(label_all, registry)
+                    groups = self.collect()
 
         with self.phase("pairs"):
             with TrajectoryStore(s.db_path) as store:
@@ -127,6 +143,7 @@ class Cycle:
             self.counts["drift_excluded"] = built.excluded.get("drift", 0)
             self.counts["drift_trimmed"] = built.drift_trimmed
             self.counts["unbalanced"] = built.unbalanced
+            self.counts["reverse_trial_pairs"] = built.reserve_added
         fitting = sum(p.fits(s.dpo_max_length) for p in built.pairs)
         if fitting < s.min_pairs:  # the trainer drops longer pairs; with too few left it would fail
             too_long = f" ({len(built.pairs) - fitting} longer than dpo_max_length={s.dpo_max_length})" \

@@ -3,24 +3,38 @@ succeeded) teaches DPO nothing. Re-run it with sampling, through the real agent 
 adapter, so that some attempts succeed and some fail; the verifier labels them and the next
 pairing step finds the contrast.
 
-Operator trials (`explore_operator_trials`): free sampling almost never tries what the model rarely
-does. After cycle 1 most failures are the right numbers under the wrong operation, and the explorer
-wrote `/` in 1 to 7 of 176 calculator calls, so no pair ever had a division on its chosen side
-(docs/benchmarks.md, "What the plateau is made of"). A numerically checked task is instead tried
-once per operation: each run's first model call may only call the calculator as `a op b` for one
-`op` (vLLM enforces a strict function's argument schema while sampling); the model still picks
-whether to call, the numbers, and everything after. The verifier decides which operation was right."""
+Operator trials (`explore_operator_trials`), a second round after the free samples: free sampling
+almost never tries what the model rarely does. After cycle 1 most failures are the right numbers under
+the wrong operation, and free sampling solved a division task about 1 time in 20 (16 division tasks,
+64 runs, 3 successes), where a `/` trial solved 9 of 13. A trial's first model call may only call the
+calculator as `a op b` for one `op` (vLLM enforces a strict function's argument schema while
+sampling); the model still picks whether to call, the numbers, and everything after, and the
+verifier decides which operation was right. Two kinds of numerically checked task get trials:
+
+- every run failed: one trial per operation, to find the operation the model misses ("/ over *");
+- the model solved it with `a X b`: one trial per other operation. The failed ones are the reverse
+  directions ("* over /") that learner/pairs.py needs to keep the first kind's pairs balanced:
+  trained alone, 9 "/ over *" pairs taught "never multiply" (x 21 -> 1 of 26 held-out,
+  docs/benchmarks.md).
+
+Trials replacing the free samples (the first design) made no difference at cycle 2: one trial per
+operation gives a word problem one chance at the right operation where free sampling gives it four."""
 
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any
+
+from runtime.store import TrajectoryStore
 
 from tools.specs import CALCULATOR, TOOL_SPECS
 
 from .checks import default_check
+from .labels import SUCCESS
+from .pairs import Groups, first_operation
 from .runner import AgentRunner, Attempt
-from .tasks import Task
+from .tasks import Task, task_from_trajectory
 
 OPERATIONS = ("+", "-", "*", "/")
 # Bounded digits: an unbounded number lets a sampled run write digits until max_tokens.
@@ -44,28 +58,42 @@ def numeric(task: Task) -> bool:
     return (task.check or default_check(task.expected)) == "numeric" and not task.turns and not task.storage
 
 
-def plan(tasks: list[tuple[Task, int]], *, attempts: int, budget: int,
-         operator_trials: bool = False) -> list[tuple[Task, str | None]]:
-    """(task, operation or None for a free sample): `attempts` free samples per task, or with
-    `operator_trials` one trial per operation for numerically checked tasks, in the given priority
-    order, until the budget is spent."""
-    out: list[tuple[Task, str | None]] = []
-    for task, _n in tasks:
-        runs: list[str | None] = list(OPERATIONS) if operator_trials and numeric(task) else [None] * attempts
-        runs = runs[: budget - len(out)]
-        if not runs:
-            break
-        out.extend((task, op) for op in runs)
-    return out
+def plan(tasks: list[tuple[Task, int]], *, attempts: int, budget: int) -> list[tuple[Task, str | None]]:
+    """(task, None): `attempts` free samples per task, in the given priority order, until the budget."""
+    return [(t, None) for t, _n in tasks for _ in range(attempts)][:budget]
 
 
-async def explore(runner: AgentRunner, tasks: list[tuple[Task, int]], *, cycle_id: int, on_done=None) -> dict[str, Any]:
+def trial_plan(groups: Groups, store: TrajectoryStore, *, budget: int) -> list[tuple[Task, str]]:
+    """(task, operation): trials for the numeric training tasks that every run failed (each operation)
+    and for those the model solved with one operation (each other one), the two kinds in turn and each
+    in hash order, until the budget. A task already tried under an operation is not tried again."""
+    failed: list[tuple[Task, list[str]]] = []
+    solved: list[tuple[Task, list[str]]] = []
+    for rows in groups.train.values():
+        task = next((t for t in map(task_from_trajectory, rows) if t is not None), None)
+        if task is None or not numeric(task):
+            continue
+        runs = [(row["label"], traj) for row in rows if (traj := store.get(row["id"])) is not None]
+        if any((traj.get("metadata") or {}).get("explore_operation") for _, traj in runs):
+            continue
+        own_wins = {first_operation(traj) for label, traj in runs if label == SUCCESS}
+        if not own_wins:
+            failed.append((task, list(OPERATIONS)))
+        elif len(own_wins) == 1 and None not in own_wins:
+            solved.append((task, [op for op in OPERATIONS if op not in own_wins]))
+    failed, solved = (sorted(ts, key=lambda x: hashlib.sha256(x[0].key.encode()).hexdigest()) for ts in (failed, solved))
+    out = [(t, op) for i in range(max(len(failed), len(solved)))
+           for t, ops in failed[i:i + 1] + solved[i:i + 1] for op in ops]
+    return out[:budget]
+
+
+async def explore(runner: AgentRunner, planned: list[tuple[Task, str | None]], *, cycle_id: int,
+                  prefix: str = "explore", on_done=None) -> dict[str, Any]:
+    """Run the planned free samples and trials; counts are named `{prefix}_...`."""
     s = runner.settings
-    planned = plan(tasks, attempts=s.explore_attempts, budget=s.explore_budget,
-                   operator_trials=s.explore_operator_trials)
     narrowed = {op: operation_tools(op) for op in OPERATIONS}  # built once, shared read-only by the runs
     jobs = [
-        dict(task=t, source="exploration", namespace=f"explore-c{cycle_id}-{i}", adapter=None,
+        dict(task=t, source="exploration", namespace=f"{prefix}-c{cycle_id}-{i}", adapter=None,
              temperature=s.explore_temperature,
              extra_metadata={"cycle_id": cycle_id, **({"explore_operation": op} if op else {})},
              first_step_tools=narrowed[op] if op else None)
@@ -74,10 +102,10 @@ async def explore(runner: AgentRunner, tasks: list[tuple[Task, int]], *, cycle_i
     attempts: list[Attempt] = await runner.attempt_all(jobs, on_done=on_done)
     solved = {a.task.key for a in attempts if a.success}
     failed = {a.task.key for a in attempts if not a.success}
-    counts = {"explore_tasks": len({t.key for t, _ in planned}), "explore_rollouts": len(attempts),
-              "explore_successes": sum(a.success for a in attempts),
-              "explore_new_contrast_tasks": len(solved & failed)}
+    counts = {f"{prefix}_tasks": len({t.key for t, _ in planned}), f"{prefix}_rollouts": len(attempts),
+              f"{prefix}_successes": sum(a.success for a in attempts),
+              f"{prefix}_new_contrast_tasks": len(solved & failed)}
     if any(op for _, op in planned):
-        counts["explore_operation_successes"] = {
+        counts[f"{prefix}_operation_successes"] = {
             op: sum(a.success for a, (_, o) in zip(attempts, planned) if o == op) for op in OPERATIONS}
     return counts

@@ -12,11 +12,19 @@ learns their net operator direction as a rule for every question: run 29's cycle
 5 times against twice, and its candidate wrote `+` where it had multiplied and subtracted
 (docs/benchmarks.md, "What the plateau is made of"). Balanced, the same pairs gave a candidate that
 kept every operation and won the gate (87 vs 69 of 200).
+
+Balancing by dropping alone cannot keep a direction that only trials find: the `/` trial solved 9 of
+13 division tasks whose free samples had all failed, and all 9 "/ over *" pairs were dropped (no
+"* over /" existed); trained anyway, they taught "never multiply" (x 21 -> 1 of 26 held-out). So a
+solved task's wrong-operation trials (learner/explore.py) are held in reserve: the model's own
+success over a trial that failed under another operator, added only where it evens out a direction
+the other pairs lean ("* over /" against "/ over *"), at most one per task.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import itertools
 import json
@@ -113,6 +121,7 @@ class PairSet:
     excluded: dict[str, int]  # why trajectories were left out: drift, no_steps, render
     drift_trimmed: int = 0  # trajectories kept with a retokenized step's tail untrained (learner/sequences.py)
     unbalanced: int = 0  # pairs left out by balance_operations: their operator direction outnumbered its reverse
+    reserve_added: int = 0  # wrong-operation trial pairs added to even out a direction (in `pairs`)
 
 
 ONE_OPERATION = re.compile(r"\s*(\d[\d,]*(?:\.\d+)?)\s*([-+*/])\s*(\d[\d,]*(?:\.\d+)?)\s*")  # a op b
@@ -136,12 +145,14 @@ def first_operation(traj: dict[str, Any]) -> str | None:
     return m[2] if m else None
 
 
+def _direction(p: Pair, operation: dict[str, str | None]) -> tuple[str | None, str | None]:
+    return operation.get(p.chosen.trajectory_id or ""), operation.get(p.rejected.trajectory_id or "")
+
+
 def balance(pairs: list[Pair], operation: dict[str, str | None]) -> list[Pair]:
     """Keep 'a over b' pairs (a != b, both one-operation calculator calls), in the given order, only
     up to the number of 'b over a' pairs; every other pair is kept."""
-    def direction(p: Pair) -> tuple[str | None, str | None]:
-        return operation.get(p.chosen.trajectory_id or ""), operation.get(p.rejected.trajectory_id or "")
-
+    direction = functools.partial(_direction, operation=operation)
     available: collections.Counter[tuple[str | None, str | None]] = collections.Counter(map(direction, pairs))
     kept: collections.Counter[tuple[str | None, str | None]] = collections.Counter()
     out = []
@@ -158,6 +169,7 @@ def balance(pairs: list[Pair], operation: dict[str, str | None]) -> list[Pair]:
 def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pairs: int,
                 model_dir: Any = None, on_drift: str = "trim", balance_operations: bool = False) -> PairSet:
     pairs: list[Pair] = []
+    reserve: list[list[Pair]] = []  # per task: own success over a failed trial of another operator
     excluded: dict[str, int] = defaultdict(int)
     trimmed = 0
     operation: dict[str, str | None] = {}  # trajectory id -> its first calculator operation
@@ -192,6 +204,41 @@ def build_pairs(store: TrajectoryStore, groups: Groups, *, per_task: int, max_pa
         # Newest pairs first, spread over both sides rather than one success against every failure.
         order = sorted(itertools.product(range(len(good)), range(len(bad))), key=sum)[:per_task]
         pairs.extend(Pair(good[i], bad[j], key) for i, j in order)
-    pairs.sort(key=lambda p: max(p.chosen.trajectory_id or "", p.rejected.trajectory_id or ""), reverse=True)
-    kept = balance(pairs, operation) if balance_operations else pairs
-    return PairSet(kept[:max_pairs], dict(excluded), trimmed, unbalanced=len(pairs) - len(kept))
+        used = {(good[i].trajectory_id, bad[j].trajectory_id) for i, j in order}
+        reserve.append([Pair(g, b, key) for g in good if g.trajectory_id not in trials
+                        for b in bad if b.trajectory_id in trials and (g.trajectory_id, b.trajectory_id) not in used
+                        and _crosses(operation[g.trajectory_id], operation[b.trajectory_id])])
+    newest_first = lambda p: max(p.chosen.trajectory_id or "", p.rejected.trajectory_id or "")  # noqa: E731
+    pairs.sort(key=newest_first, reverse=True)
+    if not balance_operations:
+        return PairSet(pairs[:max_pairs], dict(excluded), trimmed)
+    added = even_out(pairs, reserve, operation)
+    pairs = sorted(pairs + added, key=newest_first, reverse=True)
+    reserve_ids = frozenset(id(p) for p in added)
+    balanced = balance(pairs, operation)
+    # balanced again after the cut, so that `max_pairs` cannot leave a direction without its reverse
+    kept = balance(balanced[:max_pairs], operation)
+    unbalanced = len(pairs) - len(balanced) + min(len(balanced), max_pairs) - len(kept)
+    return PairSet(kept, dict(excluded), trimmed, unbalanced=unbalanced,
+                   reserve_added=sum(id(p) in reserve_ids for p in kept))
+
+
+def _crosses(a: str | None, b: str | None) -> bool:
+    """Both runs start with one-operation calculator calls, under different operators."""
+    return a is not None and b is not None and a != b
+
+
+def even_out(pairs: list[Pair], reserve: list[list[Pair]], operation: dict[str, str | None]) -> list[Pair]:
+    """From each task's reserve, at most one pair whose direction ('* over /') the pairs so far have
+    fewer of than its reverse ('/ over *'): the one most behind, tasks in the order given."""
+    direction = functools.partial(_direction, operation=operation)
+    count = collections.Counter(map(direction, pairs))
+    added = []
+    for candidates in reserve:
+        behind = [(count[(b, a)] - count[(a, b)], p) for p in candidates for a, b in [direction(p)]]
+        behind = [(gap, p) for gap, p in behind if gap > 0]
+        if behind:
+            _, p = max(behind, key=lambda x: x[0])  # first of the most behind: candidates come newest first
+            count[direction(p)] += 1
+            added.append(p)
+    return added

@@ -114,7 +114,10 @@ def task_from_trajectory(row: dict[str, Any]) -> Task | None:
     check = check if check in CHECKS else default_check(expected) if check is None else None
     if check is None or not _checkable(expected, check):
         return None
-    keep = {k: v for k, v in metadata.items() if k not in ("task_id", "expected_answer", "check")}
+    # what the logged run was (its cycle, its operator trial) is not part of the task: a free re-run of
+    # a task last seen in a trial must not be marked as one
+    keep = {k: v for k, v in metadata.items()
+            if k not in ("task_id", "expected_answer", "check", "cycle_id", "explore_operation", "gate_side")}
     return Task(task_key(row), tuple(messages), expected, check, keep, storage=state.get("kv") or None)
 
 

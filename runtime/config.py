@@ -91,9 +91,11 @@ class Settings:
     explore_budget: int = 256  # rollouts per cycle: most of a cycle's pairs come from exploration
     explore_temperature: float = 0.7
     explore_concurrency: int = 8
-    # Try a numerically checked task once per calculator operation instead of `explore_attempts` free
-    # samples: the first call may only be `a op b` (learner/explore.py). Off until a loop run measures it.
+    # After free sampling, try numerically checked tasks once per calculator operation (the first call
+    # may only be `a op b`): those never solved, and the other operations on those solved
+    # (learner/explore.py). Off until a loop run measures it.
     explore_operator_trials: bool = False
+    explore_trial_budget: int = 256  # trial rollouts per cycle, on top of explore_budget
     # Learner: DPO and LoRA
     dpo_beta: float = 0.1
     dpo_lr: float = 1e-4
@@ -236,7 +238,7 @@ class Settings:
         ):
             positive(name)
         for name in ("learner_min_new_labels", "learner_interval_s", "learner_threads", "explore_attempts",
-                     "explore_budget", "dpo_nll_weight", "storage_snapshot_max_bytes"):
+                     "explore_budget", "explore_trial_budget", "dpo_nll_weight", "storage_snapshot_max_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.vllm_cpu_reserved_cores != "auto" and not self.vllm_cpu_reserved_cores.isdigit():

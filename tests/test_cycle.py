@@ -199,3 +199,54 @@ def test_pooled_but_still_unconvincing_is_rejected_naming_both(tmp_path: Path, m
     cycle = gated_cycle(tmp_path, monkeypatch, pool=True, solved=solved)
     assert cycle["state"] == "rejected"
     assert cycle["error"] == "gate and guard pooled: fixed 3 broke 1 of 13 tasks: McNemar p 0.625 > gate_max_p 0.25"
+
+
+class LoggingRunner:
+    """Stands in for AgentRunner's rollouts; each run is logged to the real store as the agent would,
+    answering right only under the `/` trial (free samples and other operations answer wrong)."""
+
+    def __init__(self, settings: Settings, log) -> None:
+        self.settings, self.log, self.jobs = settings, log, []
+
+    async def attempt_all(self, jobs, *, on_done=None):
+        from learner.runner import Attempt
+        from tests.test_pairs import calc
+
+        out = []
+        for job in jobs:
+            self.jobs.append(job)
+            op = job["extra_metadata"].get("explore_operation")
+            ok = op == "/"
+            tid = self.log.run(job["task"].key, ok, source="exploration", call=calc(f"12 {op or '*'} 4"),
+                               **job["extra_metadata"])
+            out.append(Attempt(job["task"], tid, "ok", "", ok, 2))
+            if on_done:
+                on_done(out[-1])
+        return out
+
+
+def test_operator_trials_run_after_the_free_samples_on_what_they_never_solved(tmp_path: Path, monkeypatch) -> None:
+    from runtime.store import TrajectoryStore
+    from tests.test_pairs import Log, calc
+
+    settings = Settings.load(env={"HONE_HOME": str(tmp_path), "HONE_VAL_FRACTION": "0", "HONE_MIN_PAIRS": "100",
+                                  "HONE_EXPLORE_ATTEMPTS": "2", "HONE_EXPLORE_OPERATOR_TRIALS": "true"})
+    reg, cycle = untrained_cycle(settings, monkeypatch, pairs=[pair("t1", 100)])
+    with TrajectoryStore(settings.db_path) as store:
+        log = Log(store, settings.db_path)
+        log.run("never", False, call=calc("12 * 4"))
+        cycle.runner = LoggingRunner(settings, log)
+        try:
+            assert asyncio.run(cycle.run()) == "skipped"
+            record = reg.get_cycle(cycle.id)
+        finally:
+            log.close()
+            reg.close()
+    jobs = cycle.runner.jobs
+    assert [j["extra_metadata"].get("explore_operation") for j in jobs] == [None, None, "+", "-", "*", "/"]
+    assert all(j["namespace"].startswith("trial-") for j in jobs[2:])
+    counts = record["counts"]
+    assert counts["explore_rollouts"] == 2 and counts["trial_rollouts"] == 4
+    assert counts["trial_operation_successes"] == {"+": 0, "-": 0, "*": 0, "/": 1}
+    assert counts["labels_after_trials"]["success"] == 1
+    assert list(record["timings"])[:5] == ["label", "collect", "explore", "trials", "pairs"]

@@ -61,12 +61,6 @@ def test_plan_free_samples_until_the_budget() -> None:
     assert plan([(a, 1)], attempts=2, budget=0) == []
 
 
-def test_plan_with_operator_trials_tries_each_operation_once_on_numeric_tasks() -> None:
-    a, words, b = task("a", 12), task("w", "Paris"), task("b", 3)
-    got = plan([(a, 1), (words, 1), (b, 2)], attempts=3, budget=9, operator_trials=True)
-    assert got == [*((a, op) for op in OPERATIONS), (words, None), (words, None), (words, None), (b, "+"), (b, "-")]
-
-
 class RecordingRunner:
     """Stands in for AgentRunner: division solves task a, nothing solves the word task."""
 
@@ -80,17 +74,19 @@ class RecordingRunner:
 
 
 def test_explore_sends_each_trial_its_narrowed_tools_and_marks_it(settings) -> None:
-    runner = RecordingRunner(settings.replace(explore_operator_trials=True, explore_attempts=2))
+    runner = RecordingRunner(settings)
     a, words = task("a", 3), task("w", "Paris")
-    counts = asyncio.run(explore(runner, [(a, 1), (words, 1)], cycle_id=7))  # type: ignore[arg-type]
+    planned = [*((a, op) for op in OPERATIONS), (words, None), (words, None)]
+    counts = asyncio.run(explore(runner, planned, cycle_id=7, prefix="trial"))  # type: ignore[arg-type]
     trials = [j for j in runner.jobs if j["task"] is a]
     assert [j["extra_metadata"] for j in trials] == [{"cycle_id": 7, "explore_operation": op} for op in OPERATIONS]
     assert [expression_pattern(j["first_step_tools"]) for j in trials] == \
         [expression_pattern(operation_tools(op)) for op in OPERATIONS]
     free = [j for j in runner.jobs if j["task"] is words]
     assert len(free) == 2 and all(j["first_step_tools"] is None and j["extra_metadata"] == {"cycle_id": 7} for j in free)
-    assert counts["explore_rollouts"] == 6 and counts["explore_new_contrast_tasks"] == 1
-    assert counts["explore_operation_successes"] == {"+": 0, "-": 0, "*": 0, "/": 1}
-    runner = RecordingRunner(settings)  # off by default: free samples only, no per-operation counts
-    counts = asyncio.run(explore(runner, [(a, 1)], cycle_id=1))  # type: ignore[arg-type]
+    assert len({j["namespace"] for j in runner.jobs}) == 6 and all(j["namespace"].startswith("trial-c7-") for j in runner.jobs)
+    assert counts["trial_rollouts"] == 6 and counts["trial_new_contrast_tasks"] == 1
+    assert counts["trial_operation_successes"] == {"+": 0, "-": 0, "*": 0, "/": 1}
+    counts = asyncio.run(explore(runner, [(a, None)], cycle_id=1))  # type: ignore[arg-type]
     assert all(j["first_step_tools"] is None for j in runner.jobs) and "explore_operation_successes" not in counts
+    assert counts["explore_rollouts"] == 1

@@ -65,6 +65,9 @@ def test_task_from_trajectory_input_request() -> None:
     assert t.metadata == {"topic": "math"}  # task_id / expected_answer / check are not copied twice
     assert t.run_metadata(cycle_id=3) == {"topic": "math", "task_id": "m1", "expected_answer": 42,
                                           "check": "numeric", "cycle_id": 3}
+    trial = task_from_trajectory(row(metadata={"expected_answer": 42, "task_id": "m1", "topic": "math",
+                                               "cycle_id": 2, "explore_operation": "/"}, task_id="m1"))
+    assert trial.metadata == {"topic": "math"}  # a free re-run of a task last seen in a trial is not a trial
 
 
 def test_task_from_trajectory_messages_request_and_json_text() -> None:
@@ -515,7 +518,9 @@ def test_balance_operations_keeps_an_operator_direction_only_as_often_as_its_rev
     # one "+ over -" (the newest) beside the one "- over +"; "* over /" has no reverse; python vs "+" stays
     assert sorted(ids_of(built.pairs)) == sorted([made[train[2]], made[train[3]], made[train[5]]])
     assert built.unbalanced == 3
-    assert len(build_pairs(log.store, groups, per_task=1, max_pairs=2, balance_operations=True).pairs) == 2
+    # cut to the newest two (python vs "+", "- over +"), "- over +" has lost its "+ over -": balanced again
+    cut = build_pairs(log.store, groups, per_task=1, max_pairs=2, balance_operations=True)
+    assert ids_of(cut.pairs) == [made[train[5]]] and cut.unbalanced == 4
 
 
 def prepared_test_model() -> Path:
