@@ -23,7 +23,6 @@ operation gives a word problem one chance at the right operation where free samp
 from __future__ import annotations
 
 import copy
-import hashlib
 from typing import Any
 
 from runtime.store import TrajectoryStore
@@ -32,7 +31,7 @@ from tools.specs import CALCULATOR, TOOL_SPECS
 
 from .checks import default_check
 from .labels import SUCCESS
-from .pairs import Groups, first_operation
+from .pairs import Groups, first_operation, in_turn
 from .runner import AgentRunner, Attempt
 from .tasks import Task, task_from_trajectory
 
@@ -81,10 +80,7 @@ def trial_plan(groups: Groups, store: TrajectoryStore, *, budget: int) -> list[t
             failed.append((task, list(OPERATIONS)))
         elif len(own_wins) == 1 and None not in own_wins:
             solved.append((task, [op for op in OPERATIONS if op not in own_wins]))
-    failed, solved = (sorted(ts, key=lambda x: hashlib.sha256(x[0].key.encode()).hexdigest()) for ts in (failed, solved))
-    out = [(t, op) for i in range(max(len(failed), len(solved)))
-           for t, ops in failed[i:i + 1] + solved[i:i + 1] for op in ops]
-    return out[:budget]
+    return [(t, op) for t, ops in in_turn(failed, solved, key=lambda x: x[0].key) for op in ops][:budget]
 
 
 async def explore(runner: AgentRunner, planned: list[tuple[Task, str | None]], *, cycle_id: int,

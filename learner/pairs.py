@@ -31,7 +31,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import sqlite_utils
 
@@ -42,6 +42,7 @@ from .sequences import SequenceError, trajectory_sequence
 from .tasks import Task, is_validation, task_from_trajectory, task_key
 from .types import Pair, TokenSequence
 
+T = TypeVar("T")
 TRAINING_SOURCES = ("serve", "exploration")
 _COLUMNS = "id, task_id, request_key, label, source, thread_id, metadata, request, storage_state, created_at"
 
@@ -95,14 +96,15 @@ def tasks_to_explore(groups: Groups) -> list[tuple[Task, int]]:
         if task is not None:
             failed, solved = by_runs.setdefault(len(rows), ([], []))
             (failed if all(r["label"] == FAILURE for r in rows) else solved).append(task)
-    out: list[tuple[Task, int]] = []
-    for n in sorted(by_runs):
-        # in hash order, not key order: when the budget runs out, no kind of task (ids sharing a
-        # prefix, such as storage-*) is always the one left out
-        failed, solved = (sorted(ts, key=lambda t: hashlib.sha256(t.key.encode()).hexdigest()) for ts in by_runs[n])
-        for i in range(max(len(failed), len(solved))):
-            out.extend((t, n) for t in (failed[i:i + 1] + solved[i:i + 1]))
-    return out
+    return [(t, n) for n in sorted(by_runs) for t in in_turn(*by_runs[n], key=lambda t: t.key)]
+
+
+def in_turn(first: list[T], second: list[T], *, key: Callable[[T], str]) -> list[T]:
+    """Both lists in hash order of `key`, taken one from each in turn. Hash order, not key order:
+    when a budget runs out, no kind of task (ids sharing a prefix, such as storage-*) is always the
+    one left out."""
+    a, b = (sorted(xs, key=lambda x: hashlib.sha256(key(x).encode()).hexdigest()) for xs in (first, second))
+    return [x for i in range(max(len(a), len(b))) for x in a[i:i + 1] + b[i:i + 1]]
 
 
 def validation_tasks(groups: Groups) -> list[Task]:
@@ -158,7 +160,7 @@ def balance(pairs: list[Pair], operation: dict[str, str | None]) -> list[Pair]:
     out = []
     for p in pairs:
         a, b = direction(p)
-        if a is not None and b is not None and a != b:
+        if _crosses(a, b):
             if kept[(a, b)] >= available[(b, a)]:
                 continue
             kept[(a, b)] += 1
