@@ -11,9 +11,9 @@ from .gate import guard_counts
 
 
 # The learner settings loop.md names: those runs were compared on (docs/benchmarks.md).
-REPORTED_SETTINGS = ("pairs_per_task", "max_pairs", "explore_budget", "dpo_beta", "dpo_lr", "dpo_epochs",
-                     "dpo_nll_weight", "dpo_reference", "pairs_on_drift", "gate_candidates", "gate_margin", "gate_max_p",
-                     "gate_pool_guard")
+REPORTED_SETTINGS = ("pairs_per_task", "max_pairs", "explore_budget", "explore_operator_trials", "dpo_beta",
+                     "dpo_lr", "dpo_epochs", "dpo_nll_weight", "dpo_reference", "pairs_on_drift", "gate_candidates",
+                     "gate_margin", "gate_max_p", "gate_pool_guard")
 
 
 def _pct(x: float | None) -> str:
@@ -50,6 +50,15 @@ def verdicts(result: dict[str, Any]) -> dict[str, Any]:
             "drops_vs_parent": drops}
 
 
+def _explore_cell(counts: dict[str, Any]) -> str:
+    """Free samples, then operator trials where that round ran (explore_operator_trials), with how many
+    of the trials solved their task: the trials are what gives the pairs their reverse directions."""
+    cell = str(counts.get("explore_rollouts", "-"))
+    if counts.get("trial_rollouts"):
+        cell += f" + {counts['trial_rollouts']} trials ({counts.get('trial_successes', 0)} solved)"
+    return cell
+
+
 def table(result: dict[str, Any]) -> str:
     pools = list(next((r["evals"] for r in result["rows"] if r.get("evals")), {}).keys())
     head = ["row", "adapter", "status", "traffic solved", "gate (cand vs current)", *pools, "pairs", "explore",
@@ -80,7 +89,7 @@ def table(result: dict[str, Any]) -> str:
             ev = evals.get(p)
             cells.append(f"{_pct(ev['rate'])} ({ev['success']}/{ev['n']})" if ev else "-")
         counts, timings = r.get("counts") or {}, r.get("timings") or {}
-        cells += [str(counts.get("pairs", "-")), str(counts.get("explore_rollouts", "-")),
+        cells += [str(counts.get("pairs", "-")), _explore_cell(counts),
                   str(counts.get("drift_excluded", "-")) + (f" / {counts['drift_trimmed']}"
                                                             if "drift_trimmed" in counts else ""),
                   f"{timings['train']:.0f}" if "train" in timings else "-",
