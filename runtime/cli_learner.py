@@ -190,7 +190,15 @@ def cycles_cmd(cycle_id: int | None, limit: int, as_json: bool) -> None:
         counts = c.get("counts") or {}
         click.echo(f"{c['id']:>4}  {c['state']:9} {c['trigger']:8} {format_time(c['started_at']) if c['started_at'] else '-':19} "
                    f"{'-' if secs is None else f'{secs:.0f}':>6} {counts.get('pairs', '-'):>5} "
-                   f"{counts.get('explore_rollouts', '-'):>8}  {_gate_line(c.get('gate'))}")
+                   f"{_explored(counts):>8}  {_gate_line(c.get('gate'))}")
+
+
+def _explored(counts: dict) -> str:
+    """Free exploration rollouts, plus operator trials where that round ran ("256+230")."""
+    if "explore_rollouts" not in counts:
+        return "-"
+    trials = counts.get("trial_rollouts")
+    return f"{counts['explore_rollouts']}+{trials}" if trials else str(counts["explore_rollouts"])
 
 
 @click.group("adapters")

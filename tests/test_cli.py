@@ -62,3 +62,19 @@ def test_bad_configuration_is_a_usage_error(home: str, monkeypatch: pytest.Monke
     monkeypatch.setenv("HONE_PORT", "eighty")
     out = CliRunner().invoke(main, ["config"])
     assert out.exit_code == 2 and "HONE_PORT" in out.output
+
+
+def test_cycles_list_counts_operator_trials_as_explored(home: str, settings: Settings) -> None:
+    from learner.registry import Registry
+
+    registry = Registry(settings.db_path)
+    with_trials = registry.start_cycle("timer")
+    registry.finish_cycle(with_trials, "rejected", counts={"pairs": 40, "explore_rollouts": 256, "trial_rollouts": 230})
+    free_only = registry.start_cycle("timer")
+    registry.finish_cycle(free_only, "rejected", counts={"pairs": 12, "explore_rollouts": 64})
+    registry.close()
+
+    out = CliRunner().invoke(main, ["cycles"])
+    assert out.exit_code == 0, out.output
+    rows = {line.split()[0]: line.split() for line in out.output.splitlines()[1:]}
+    assert "256+230" in rows[str(with_trials)] and "64" in rows[str(free_only)]
