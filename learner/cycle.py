@@ -2,8 +2,8 @@
 numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learner/cycles).
 
     label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
-    -> pairs (token-exact; retokenized tails untrained) -> train (LoRA-DPO) -> check files -> gate
-    -> guard -> swap
+    -> pairs (token-exact; retokenized tails untrained; with dpo_retain_weight, the runs to retain)
+    -> train (LoRA-DPO) -> check files -> gate -> guard -> swap
 
 With gate_pool_guard the gate's p-value test counts the guard's tasks too (gate.pooled).
 
@@ -37,6 +37,7 @@ from .gate import best_candidate, check_candidate, pooled, rate_ok, recorded_res
 from .labels import label_all, label_totals
 from .pairs import Groups, build_pairs, collect, tasks_to_explore, validation_tasks
 from .registry import Registry
+from .retain import retain_runs
 from .runner import AgentRunner, adapter_path
 from .swap import SwapError, promote
 from .tasks import Task, load_task_file
@@ -58,7 +59,7 @@ def train_config(settings: Settings):
         seed=settings.train_seed, threads=threads,
         bf16_autocast={"auto": None, "bf16": True, "fp32": False}[settings.dpo_autocast],
         gradient_checkpointing=settings.dpo_gradient_checkpointing, device=settings.dpo_device,
-        forward_tokens=settings.dpo_forward_tokens,
+        forward_tokens=settings.dpo_forward_tokens, retain_weight=settings.dpo_retain_weight,
     )
 
 
@@ -144,6 +145,14 @@ class Cycle:
             self.counts["drift_trimmed"] = built.drift_trimmed
             self.counts["unbalanced"] = built.unbalanced
             self.counts["reverse_trial_pairs"] = built.reserve_added
+            retained = []
+            if s.dpo_retain_weight > 0:  # what serves now did with tools no pair uses: kept likely
+                with TrajectoryStore(s.db_path) as store:
+                    kept = await asyncio.to_thread(retain_runs, store, groups, built.pairs,
+                                                   serving=registry.active()[0], limit=s.dpo_retain_runs,
+                                                   model_dir=s.model_path, on_drift=s.pairs_on_drift)
+                retained = kept.runs
+                self.counts["retained"] = {"runs": len(kept.runs), "tools": kept.tools, "excluded": kept.excluded}
         fitting = sum(p.fits(s.dpo_max_length) for p in built.pairs)
         if fitting < s.min_pairs:  # the trainer drops longer pairs; with too few left it would fail
             too_long = f" ({len(built.pairs) - fitting} longer than dpo_max_length={s.dpo_max_length})" \
@@ -178,7 +187,7 @@ class Cycle:
                     train_adapter_isolated, model_dir, built.pairs, train_config(s), out_dir,
                     parent_adapter=parent_dir, progress=self.progress,
                     on_step=lambda step: registry.update_cycle(self.id, progress=step), snapshots=snapshots,
-                    stop=stop,
+                    stop=stop, retain=retained,
                 )
             except asyncio.CancelledError:  # the learner is stopping: so is its training, now, not when done
                 stop.set()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from runtime.prompts import routed_example
 from runtime.store import TrajectoryStore
 
 from tools.specs import CALCULATOR, TOOL_SPECS
@@ -51,10 +52,15 @@ def operation_tools(operation: str) -> list[dict[str, Any]]:
 
 
 def numeric(task: Task) -> bool:
-    """A single-turn, numerically checked task that starts with empty storage. A run that found data
-    in storage is a recall ("Get gym_pin from storage. What is my gym PIN?"): its number is looked up,
-    not calculated (trials replaying run 30's cycle 2 spent 48 of 256 runs on recalls before this)."""
-    return (task.check or default_check(task.expected)) == "numeric" and not task.turns and not task.storage
+    """A single-turn, numerically checked task that starts with empty storage and does not name another
+    tool. A run that found data in storage is a recall ("Get gym_pin from storage. What is my gym PIN?"):
+    its number is looked up, not calculated (trials replaying run 30's cycle 2 spent 48 of 256 runs on
+    recalls before this). A question that names the python or storage tool ("Use Python to count the
+    primes below 8500") asks for that tool: a calculator trial that won would teach leaving it out."""
+    if (task.check or default_check(task.expected)) != "numeric" or task.turns or task.storage:
+        return False
+    asked = next((m.get("content") for m in reversed(task.messages) if m.get("role") == "user"), None)
+    return routed_example(asked if isinstance(asked, str) else None) is None
 
 
 def plan(tasks: list[tuple[Task, int]], *, attempts: int, budget: int) -> list[tuple[Task, str | None]]:

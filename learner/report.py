@@ -12,7 +12,8 @@ from .gate import guard_counts
 
 # The learner settings loop.md names: those runs were compared on (docs/benchmarks.md).
 REPORTED_SETTINGS = ("pairs_per_task", "max_pairs", "explore_budget", "explore_operator_trials", "dpo_beta",
-                     "dpo_lr", "dpo_epochs", "dpo_nll_weight", "dpo_reference", "pairs_on_drift", "gate_candidates",
+                     "dpo_lr", "dpo_epochs", "dpo_nll_weight", "dpo_reference", "dpo_retain_weight", "pairs_on_drift",
+                     "gate_candidates",
                      "gate_margin", "gate_max_p", "gate_pool_guard")
 
 
@@ -59,6 +60,15 @@ def _explore_cell(counts: dict[str, Any]) -> str:
     return cell
 
 
+def _pairs_cell(counts: dict[str, Any]) -> str:
+    """Pairs, and the runs retained beside them where dpo_retain_weight was on ("64 + 16 retained")."""
+    cell = str(counts.get("pairs", "-"))
+    retained = counts.get("retained")
+    if retained:
+        cell += f" + {retained['runs']} retained"
+    return cell
+
+
 def table(result: dict[str, Any]) -> str:
     pools = list(next((r["evals"] for r in result["rows"] if r.get("evals")), {}).keys())
     head = ["row", "adapter", "status", "traffic solved", "gate (cand vs current)", *pools, "pairs", "explore",
@@ -89,7 +99,7 @@ def table(result: dict[str, Any]) -> str:
             ev = evals.get(p)
             cells.append(f"{_pct(ev['rate'])} ({ev['success']}/{ev['n']})" if ev else "-")
         counts, timings = r.get("counts") or {}, r.get("timings") or {}
-        cells += [str(counts.get("pairs", "-")), _explore_cell(counts),
+        cells += [_pairs_cell(counts), _explore_cell(counts),
                   str(counts.get("drift_excluded", "-")) + (f" / {counts['drift_trimmed']}"
                                                             if "drift_trimmed" in counts else ""),
                   f"{timings['train']:.0f}" if "train" in timings else "-",

@@ -4,6 +4,8 @@
     reference = the same model with the adapter disabled, i.e. the base (see learner/cycle.py for why);
                 with reference="parent", the policy as it starts (the parent adapter), as iterative DPO does
     data      = Pair(chosen, rejected) token sequences; the mask selects model-generated tokens
+    retain    = optional runs whose generated tokens' NLL is added, weighted (learner/retain.py): what
+                serves now did with tools no pair uses, kept likely while the pairs move the rest
 
 Costs, on a CPU: the reference log-probs are computed once per pair before training (not once per
 epoch), the vocabulary projection runs only at generated positions (learner/dpo.py), and the pairs of
@@ -34,7 +36,7 @@ from runtime.hardware import cpu_has_native_bf16
 
 from .dpo import dpo_loss, rows_logps, shared_forward_tokens
 from .probe import make_probe, probe_prompt_ids
-from .types import Pair
+from .types import Pair, TokenSequence
 
 
 class TrainingError(RuntimeError):
@@ -61,6 +63,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     forward_tokens: int = 4096  # most token positions one forward runs (rows_logps); bounds activation memory
+    retain_weight: float = 0.0  # + retain_weight * per-token NLL of the retained runs (0: they are not used)
 
 
 @dataclass
@@ -123,11 +126,15 @@ def train_adapter(
     probe_prompt: list[int] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     snapshots: dict[int, str | Path] | None = None,
+    retain: Sequence[TokenSequence] = (),
 ) -> TrainResult:
     """`snapshots`: epoch -> directory for the adapter as it is at the end of that (earlier) epoch.
     The learner gates them next to the final adapter: on one cycle's 20 pairs, 1, 2 and 6 epochs
     scored 29%, 38% and 29% on 200 held-out tasks, so where training should stop is not known in
-    advance (docs/benchmarks.md)."""
+    advance (docs/benchmarks.md).
+
+    `retain` (used when cfg.retain_weight > 0): every epoch, each step also takes its share of these
+    runs (each run once per epoch) and adds retain_weight * their mean per-token NLL to the loss."""
     out_dir = Path(out_dir)
     snapshots = {int(e): Path(d) for e, d in (snapshots or {}).items()}
     for path in (out_dir, *snapshots.values()):
@@ -150,6 +157,10 @@ def train_adapter(
                               "total_tokens": sum(len(p.chosen.ids) + len(p.rejected.ids) for p in usable)}
     if not usable:
         raise TrainingError(f"no pair fits max_length={cfg.max_length} (of {len(pairs)})")
+    kept = [r for r in retain if len(r.ids) <= cfg.max_length] if cfg.retain_weight > 0 else []
+    if cfg.retain_weight > 0:
+        counts.update(retain_in=len(retain), retain_used=len(kept),
+                      retain_generated_tokens=sum(r.n_generated for r in kept))
 
     t0 = time.perf_counter()
     model = _load_policy(model_dir, cfg, parent_adapter, device)
@@ -213,6 +224,11 @@ def train_adapter(
             "device": device.type,
             "peak_rss_mb": peak_rss_mb(),
         }
+        with_retain = [h for h in done if "retain_nll" in h]
+        if with_retain:  # step 1: the parent's own NLL of what it served; later: how far training moved it
+            metrics["retain_nll_first"] = round(with_retain[0]["retain_nll"], 5)
+            metrics["retain_nll_last_epoch"] = round(
+                _mean([h for h in with_retain if h["epoch"] == epoch], "retain_nll"), 5)
         if device.type == "cuda":
             metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         times = {k: round(v, 3) for k, v in timings.items()}
@@ -232,10 +248,20 @@ def train_adapter(
         for start in range(0, len(order), cfg.batch_size):
             batch = order[start : start + cfg.batch_size]
             stats = {"loss": 0.0, "margin": 0.0, "accuracy": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
-            for group in forward_groups(usable, batch, cfg.forward_tokens):  # usually one forward per step
+            retained = kept[start // cfg.batch_size :: steps_per_epoch]  # each retained run once per epoch
+            groups = forward_groups(usable, batch, cfg.forward_tokens)  # usually one forward per step
+            rows = [pair_rows(usable, group) for group in groups]
+            extra = [(r.ids, r.mask) for r in retained]
+            # with the first pairs' forward when the budget allows: they share the system prompt
+            if extra and shared_forward_tokens([ids for ids, _ in rows[0] + extra]) <= cfg.forward_tokens:
+                rows[0], extra = rows[0] + extra, []
+            for group, group_rows in zip(groups, rows):
                 with autocast():
-                    logps, n_tokens = rows_logps(model, pair_rows(usable, group))
+                    logps, n_tokens = rows_logps(model, group_rows)
                 logps = logps.float()
+                n = 2 * len(group)  # rows after the pairs' are retained runs
+                step_loss = retain_loss(logps[n:], n_tokens[n:], len(retained), cfg.retain_weight, stats)
+                logps, n_tokens = logps[:n], n_tokens[:n]
                 chosen, rejected = logps[0::2], logps[1::2]
                 ref = torch.stack([reference[i] for i in group])  # (pairs, 2)
                 nll = -chosen / n_tokens[0::2]
@@ -243,12 +269,16 @@ def train_adapter(
                                                         policy_chosen_nll=nll, nll_weight=cfg.nll_weight)
                 if not torch.isfinite(losses).all():
                     raise TrainingError(f"non-finite loss at epoch {epoch + 1}, pairs {group}: {losses.tolist()}")
-                (losses.sum() / len(batch)).backward()
+                (losses.sum() / len(batch) + step_loss).backward()
                 stats["loss"] += losses.sum().item() / len(batch)
                 stats["margin"] += (chosen_r - rejected_r).sum().item() / len(batch)
                 stats["accuracy"] += (chosen_r > rejected_r).float().sum().item() / len(batch)
                 stats["chosen_reward"] += chosen_r.sum().item() / len(batch)
                 stats["rejected_reward"] += rejected_r.sum().item() / len(batch)
+            for chunk in retain_chunks(extra, cfg.forward_tokens):  # runs that did not fit a pairs' forward
+                with autocast():
+                    logps, n_tokens = rows_logps(model, chunk)
+                retain_loss(logps.float(), n_tokens, len(retained), cfg.retain_weight, stats).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if not torch.isfinite(grad_norm):
                 raise TrainingError(f"non-finite gradient at epoch {epoch + 1}")
@@ -279,6 +309,29 @@ def train_adapter(
     result.timings["total_s"] = round(time.perf_counter() - t_start, 3)
     result.snapshots = saved
     return result
+
+
+def retain_loss(logps: torch.Tensor, n_tokens: torch.Tensor, n_retained: int, weight: float,
+                stats: dict[str, float]) -> torch.Tensor:
+    """weight * the mean per-token NLL of the step's retained runs; these rows are their share of it
+    (a step's retained runs may span several forwards). Adds the NLL to stats["retain_nll"]."""
+    if not len(logps):
+        return torch.zeros((), device=logps.device)
+    nll = (-logps / n_tokens).sum() / n_retained
+    stats["retain_nll"] = stats.get("retain_nll", 0.0) + nll.item()
+    return weight * nll
+
+
+def retain_chunks(rows: Sequence[tuple[Sequence[int], Sequence[int]]],
+                  max_tokens: int) -> list[list[tuple[Sequence[int], Sequence[int]]]]:
+    """Retained runs, in order, in forwards of at most `max_tokens` positions (one run alone may exceed it)."""
+    chunks: list[list[tuple[Sequence[int], Sequence[int]]]] = []
+    for row in rows:
+        if chunks and shared_forward_tokens([ids for ids, _ in chunks[-1] + [row]]) <= max_tokens:
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    return chunks
 
 
 def pair_rows(pairs: Sequence[Pair], group: Sequence[int]) -> list[tuple[Sequence[int], Sequence[int]]]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .train import TrainConfig, TrainingError, TrainResult
-from .types import Pair
+from .types import Pair, TokenSequence
 
 _POLL_S = 0.5
 ORPHANED_EXIT_CODE = 70
@@ -51,12 +51,13 @@ def _remove_partial_saves(out_dir: str | Path, snapshots: dict[int, str | Path] 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _child(events, model_dir, pairs, cfg, out_dir, parent_adapter, progress, snapshots=None) -> None:
+def _child(events, model_dir, pairs, cfg, out_dir, parent_adapter, progress, snapshots=None, retain=()) -> None:
     from .train import train_adapter
 
     try:
         result = train_adapter(model_dir, pairs, cfg, out_dir, parent_adapter=parent_adapter, progress=progress,
-                               on_step=lambda step: events.put(("step", step)), snapshots=snapshots)
+                               on_step=lambda step: events.put(("step", step)), snapshots=snapshots,
+                               retain=retain)
         events.put(("done", result))
     except TrainingError as e:
         events.put(("error", str(e)))
@@ -84,6 +85,7 @@ def train_adapter_isolated(
     on_step: Callable[[dict[str, Any]], None] | None = None,
     snapshots: dict[int, str | Path] | None = None,
     stop: threading.Event | None = None,
+    retain: Sequence[TokenSequence] = (),
     _target: Callable[..., None] = _child,
 ) -> TrainResult:
     """`train_adapter` in a spawned child: same arguments, same result or TrainingError.
@@ -95,7 +97,7 @@ def train_adapter_isolated(
     proc = ctx.Process(target=_child_main, name="hone-train", daemon=True,
                        args=(_target, os.getpid(), events, str(model_dir), list(pairs), cfg, str(out_dir),
                              str(parent_adapter) if parent_adapter else None, progress,
-                             {e: str(d) for e, d in (snapshots or {}).items()}))
+                             {e: str(d) for e, d in (snapshots or {}).items()}, list(retain)))
     proc.start()
     stopped = False
     try:

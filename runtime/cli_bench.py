@@ -31,7 +31,8 @@ def bench_cmd() -> None:
               help="python tasks streamed beside the training pool (default bench/data/python-train.jsonl)")
 @click.option("--python-per-cycle", type=click.IntRange(0), default=0, show_default=True,
               help="python tasks streamed before each cycle (run 24: 16; on SmolLM2-135M no exploration "
-                   "rollout solved one, so off unless the model solves some python)")
+                   "rollout solved one, so off unless the model solves some python, or to give "
+                   "--set HONE_DPO_RETAIN_WEIGHT=1 python runs to retain)")
 @click.option("--gate-tasks", type=click.IntRange(1), default=200, show_default=True,
               help="taken from the end of the training pool for the gate; never served as traffic")
 @click.option("--heldout", type=click.Path(dir_okay=False, exists=True, path_type=Path),

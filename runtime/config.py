@@ -106,6 +106,10 @@ class Settings:
     # The KL anchor: the base model every cycle, or the parent (what serves, where the policy starts),
     # as iterative DPO does (Xu et al. 2023; Pang et al. 2024). Measured: docs/benchmarks.md.
     dpo_reference: str = "base"  # base | parent
+    # Keep what serves now likely on the tools no pair of the cycle uses (learner/retain.py): + weight *
+    # the NLL of up to dpo_retain_runs of its served runs that called only such tools. 0 = off.
+    dpo_retain_weight: float = 0.0
+    dpo_retain_runs: int = 32
     dpo_autocast: str = "auto"  # auto (bf16 where the CPU has native bf16) | bf16 | fp32
     dpo_device: str = "auto"  # auto (cuda when torch sees a GPU, else cpu) | cpu | cuda
     dpo_gradient_checkpointing: bool = False  # recompute activations: far less memory, ~30% slower
@@ -238,7 +242,8 @@ class Settings:
         ):
             positive(name)
         for name in ("learner_min_new_labels", "learner_interval_s", "learner_threads", "explore_attempts",
-                     "explore_budget", "explore_trial_budget", "dpo_nll_weight", "storage_snapshot_max_bytes"):
+                     "explore_budget", "explore_trial_budget", "dpo_nll_weight", "dpo_retain_weight",
+                     "dpo_retain_runs", "storage_snapshot_max_bytes"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.vllm_cpu_reserved_cores != "auto" and not self.vllm_cpu_reserved_cores.isdigit():

@@ -94,6 +94,8 @@ def test_table_and_report_files(tmp_path: Path) -> None:
     assert "| cycle 1 | hone-v1 | promoted | 8/32 | 50.0% vs 40.0% (n=24) | 30.0% (12/40) | 50.0% (6/12) | 20 | 48 | 1 / 3 | 300 | 400 |" in t
     r["rows"][1]["counts"].update(trial_rollouts=228, trial_successes=8)  # explore_operator_trials ran
     assert "| 20 | 48 + 228 trials (8 solved) | 1 / 3 |" in table(r)
+    r["rows"][1]["counts"]["retained"] = {"runs": 16, "tools": {"python": 16}, "excluded": {}}  # dpo_retain_weight
+    assert "| 20 + 16 retained | 48 + 228 trials (8 solved) |" in table(r)
     r["rows"][1]["gate"]["candidates"] = [{"version": "hone-v1", "epoch": 2, "candidate_rate": 0.5},
                                           {"version": "hone-v1-e1", "epoch": 1, "candidate_rate": 0.45}]
     assert "| 50.0% vs 40.0% (n=24); epochs 2: 50.0%, 1: 45.0% |" in table(r)  # gate_candidates > 1

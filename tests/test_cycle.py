@@ -124,9 +124,11 @@ GUARD = [("s0", "storage"), ("s1", "storage"), ("s2", "storage"), ("s3", "storag
          ("s5", "storage"), ("p0", "python")]
 
 
-def gated_cycle(tmp_path: Path, monkeypatch, *, pool: bool, solved: dict[str, set[str]]) -> dict:
-    """A cycle that trains (stood in) and then runs the real gate, guard and decision code against an
-    agent that solves the tasks `solved` names for each side ("base", "cand"); returns its record."""
+def gated_cycle(tmp_path: Path, monkeypatch, *, pool: bool, solved: dict[str, set[str]],
+                env: dict[str, str] | None = None, trained: list[dict] | None = None) -> dict:
+    """A cycle that trains (stood in: each training's keyword arguments go to `trained`) and then runs
+    the real gate, guard and decision code against an agent that solves the tasks `solved` names for
+    each side ("base", "cand"); returns its record."""
     from learner.runner import Attempt
 
     tmp_path.mkdir(exist_ok=True)
@@ -136,12 +138,17 @@ def gated_cycle(tmp_path: Path, monkeypatch, *, pool: bool, solved: dict[str, se
     guard_file.write_text("".join(f'{{"id": "{k}", "question": "q{k}", "answer": 1, "type": "{g}"}}\n' for k, g in GUARD))
     settings = Settings.load(env={"HONE_HOME": str(tmp_path / "home"), "HONE_MIN_PAIRS": "1", "HONE_DPO_EPOCHS": "1",
                                   "HONE_GATE_TASKS_FILE": str(gate_file), "HONE_GATE_GUARD_FILE": str(guard_file),
-                                  "HONE_GATE_MAX_P": "0.25", "HONE_GATE_POOL_GUARD": str(pool).lower()})
+                                  "HONE_GATE_MAX_P": "0.25", "HONE_GATE_POOL_GUARD": str(pool).lower(),
+                                  **(env or {})})
     settings.ensure_dirs()
     monkeypatch.setattr("learner.cycle.build_pairs", lambda *a, **k: PairSet([pair("t1", 100)], {}))
     monkeypatch.setattr("learner.cycle.ensure_model", lambda *a, **k: "model")
-    monkeypatch.setattr("learner.train_process.train_adapter_isolated", lambda model, pairs, cfg, out, **k: SimpleNamespace(
-        path=out, metrics={}, counts={}, timings={}, epoch=1, snapshots=[]))
+
+    def trains(model, pairs, cfg, out, **k):
+        (trained if trained is not None else []).append({"cfg": cfg, **k})
+        return SimpleNamespace(path=out, metrics={}, counts={}, timings={}, epoch=1, snapshots=[])
+
+    monkeypatch.setattr("learner.train_process.train_adapter_isolated", trains)
 
     async def loads(*a, **k):
         return None
@@ -250,3 +257,27 @@ def test_operator_trials_run_after_the_free_samples_on_what_they_never_solved(tm
     assert counts["trial_operation_successes"] == {"+": 0, "-": 0, "*": 0, "/": 1}
     assert counts["labels_after_trials"]["success"] == 1
     assert list(record["timings"])[:5] == ["label", "collect", "explore", "trials", "pairs"]
+
+
+def test_retained_runs_reach_the_trainer_only_with_a_retain_weight(tmp_path: Path, monkeypatch) -> None:
+    from learner.retain import RetainSet
+
+    run = TokenSequence((1, 2, 3), (0, 1, 1), "t_py")
+    asked = []
+
+    def retain_runs(store, groups, pairs, *, serving, limit, **k):
+        asked.append((serving, limit, len(pairs)))
+        return RetainSet([run], {"python": 1}, {"drift": 2})
+
+    monkeypatch.setattr("learner.cycle.retain_runs", retain_runs)
+    solved = {"base": set(), "cand": {"g0", "g1", "g2", "g3"}}
+    trained: list[dict] = []
+    off = gated_cycle(tmp_path / "off", monkeypatch, pool=False, solved=solved, trained=trained)
+    assert asked == [] and trained[0]["retain"] == [] and trained[0]["cfg"].retain_weight == 0.0
+    assert "retained" not in off["counts"]
+    on = gated_cycle(tmp_path / "on", monkeypatch, pool=False, solved=solved, trained=trained,
+                     env={"HONE_DPO_RETAIN_WEIGHT": "0.5", "HONE_DPO_RETAIN_RUNS": "7"})
+    assert asked == [(None, 7, 1)]  # the base serves: nothing was promoted yet
+    assert trained[1]["retain"] == [run] and trained[1]["cfg"].retain_weight == 0.5
+    assert on["counts"]["retained"] == {"runs": 1, "tools": {"python": 1}, "excluded": {"drift": 2}}
+    assert on["state"] == "promoted"

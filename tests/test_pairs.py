@@ -308,13 +308,15 @@ class Log:
 
     def run(self, key: str, ok: bool, *, source: str = "serve", thread_id: str | None = None,
             completion: list[int] | None = None, drift: bool = False, steps: bool = True,
-            status: str = "ok", expected=42, call: list[dict] | None = None, **metadata) -> str:
+            status: str = "ok", expected=42, call: list[dict] | None = None, question: str | None = None,
+            **metadata) -> str:
         meta = {"task_id": key} if expected is None else {"task_id": key, "expected_answer": expected}
         meta.update(metadata)
-        tid = self.store.start(caller="a", thread_id=thread_id, request={"input": f"question {key}"},
+        question = question or f"question {key}"
+        tid = self.store.start(caller="a", thread_id=thread_id, request={"input": question},
                                metadata=meta, request_key=f"rk-{key}", source=source, model="hone-base")
         done = completion or [next(self._tok), next(self._tok)]
-        msgs: list[dict] = [{"role": "user", "content": f"question {key}"}]
+        msgs: list[dict] = [{"role": "user", "content": question}]
         if steps:
             msgs.append(gen([1, 2, 3], [7, 8], content="", tool_calls=call or CALL))
             msgs.append({"role": "tool", "content": "42", "tool_call_id": "c1", "name": "python"})

@@ -21,7 +21,7 @@ from tests.test_dpo import _real_pairs
 from tests.test_model import needs_gguf
 
 
-def _killed_by_the_kernel(events, model_dir, pairs, cfg, out_dir, parent, progress, snapshots) -> None:
+def _killed_by_the_kernel(events, model_dir, pairs, cfg, out_dir, parent, progress, snapshots, retain) -> None:
     events.put(("step", {"step": 1, "of": 9}))
     events.close()
     events.join_thread()  # flushed, as a step reported long before the kill would be (put is asynchronous)

@@ -24,7 +24,7 @@ def log(tmp_path: Path):
 
 
 def test_trials_go_to_the_never_solved_and_to_the_other_operations_of_the_solved(log: Log) -> None:
-    never, by_times, two_ways, by_python, tried, words = keys("train", 6)
+    never, by_times, two_ways, by_python, tried, words, asks_python = keys("train", 7)
     log.run(never, False, call=calc("12 * 4"))
     log.run(never, False, call=calc("12 + 4"))
     log.run(by_times, True, call=calc("6 * 7"))
@@ -36,6 +36,7 @@ def test_trials_go_to_the_never_solved_and_to_the_other_operations_of_the_solved
     log.run(tried, False, call=calc("1 + 1"))
     log.run(tried, False, call=calc("8 - 2"), explore_operation="-", cycle_id=1)  # tried in an earlier cycle
     log.run(words, False, expected="Paris")
+    log.run(asks_python, False, question="Use Python to count the primes below 8500.")  # wants that tool
     log.label()
     groups = collect(log.db, val_fraction=VAL)
 
