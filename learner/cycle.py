@@ -2,7 +2,7 @@
 numbers land in the `cycles` row as they are known (`hone cycles`, GET /v1/learner/cycles).
 
     label -> collect (group by task, split train/validation) -> explore (tasks without contrast)
-    -> pairs (token-exact; retokenized tails untrained; with dpo_retain_weight, the runs to retain)
+    -> pairs (token-exact; retokenized tails untrained) -> retain (with dpo_retain_weight: runs kept likely)
     -> train (LoRA-DPO) -> check files -> gate -> guard -> swap
 
 With gate_pool_guard the gate's p-value test counts the guard's tasks too (gate.pooled).
@@ -145,14 +145,6 @@ class Cycle:
             self.counts["drift_trimmed"] = built.drift_trimmed
             self.counts["unbalanced"] = built.unbalanced
             self.counts["reverse_trial_pairs"] = built.reserve_added
-            retained = []
-            if s.dpo_retain_weight > 0:  # what serves now did with tools no pair uses: kept likely
-                with TrajectoryStore(s.db_path) as store:
-                    kept = await asyncio.to_thread(retain_runs, store, groups, built.pairs,
-                                                   serving=registry.active()[0], limit=s.dpo_retain_runs,
-                                                   model_dir=s.model_path, on_drift=s.pairs_on_drift)
-                retained = kept.runs
-                self.counts["retained"] = {"runs": len(kept.runs), "tools": kept.tools, "excluded": kept.excluded}
         fitting = sum(p.fits(s.dpo_max_length) for p in built.pairs)
         if fitting < s.min_pairs:  # the trainer drops longer pairs; with too few left it would fail
             too_long = f" ({len(built.pairs) - fitting} longer than dpo_max_length={s.dpo_max_length})" \
@@ -170,6 +162,14 @@ class Cycle:
         guard_tasks = load_task_file(s.gate_guard_file) if s.gate_guard_file else []
 
         active, active_path = registry.active()
+        retained = []
+        if s.dpo_retain_weight > 0:  # what serves now did with tools no pair uses: kept likely (retain.py)
+            with self.phase("retain"), TrajectoryStore(s.db_path) as store:
+                kept = await asyncio.to_thread(retain_runs, store, groups, built.pairs, serving=active,
+                                               limit=s.dpo_retain_runs, model_dir=s.model_path,
+                                               on_drift=s.pairs_on_drift)
+                retained = kept.runs
+                self.counts["retained"] = {"runs": len(kept.runs), "tools": kept.tools, "excluded": kept.excluded}
         version = registry.new_version(s.adapters_dir)
         out_dir = adapter_path(s, version)
         # Earlier epochs' adapters are candidates too (gate_candidates): at fixed data, where training
