@@ -32,9 +32,9 @@ from typing import Any
 import httpx
 
 from runtime.config import ConfigError, Settings
-from runtime.engine import free_port
+from runtime.engine import free_port, serving_dtype
 from runtime.evals import EvalOptions, EvalStore, paired, run_eval, turn_metadata, turn_plan
-from runtime.hardware import usable_cores
+from runtime.hardware import cpu_has_native_bf16, cpu_model, gpu_present, usable_cores
 
 from .checks import check_answer
 from .labels import FAILURE_STATUSES
@@ -198,6 +198,23 @@ def learner_settings(env: dict[str, str], home: Path) -> dict[str, str]:
     return {f.name: str(getattr(s, f.name)) for f in fields(s) if f.name.startswith(LEARNER_SETTING_PREFIXES)}
 
 
+def host_record(vllm_dtype: str, repo: Path = REPO) -> dict[str, Any]:
+    """What the numbers depend on besides the settings. The base model's held-out rate differs by host
+    type (29.0% in float32 on AVX2-only CPUs, 24.5-27.5% in bf16 on AVX512-BF16 ones), so a run
+    compares with runs on its own kind of host, and its record says which kind that was."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"cpu": cpu_model(), "cores": usable_cores(), "native_bf16": cpu_has_native_bf16(), "gpu": gpu_present(),
+            "serving_dtype": serving_dtype(vllm_dtype), "commit": git("rev-parse", "--short", "HEAD"),
+            "modified": None if status is None else bool(status)}
+
+
 def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
     from .report import serving_rows, write_report
 
@@ -223,8 +240,10 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
                                              "check": t.check}) + "\n" for t in gate))
     if cfg.guards:
         guard_file.write_text("".join(Path(p).read_text(encoding="utf-8").rstrip("\n") + "\n" for p in cfg.guards))
+    served_dtype = Settings.load({**env, "HONE_HOME": str(home)}).vllm_dtype
     result: dict[str, Any] = {"config": {**config_record(cfg), "server_env": env,
                                          "learner_settings": learner},
+                              "host": host_record(served_dtype),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "home": str(home), "rows": []}
     t_start = time.monotonic()
     with serve(home, env, cfg.start_timeout_s, say) as url:

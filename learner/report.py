@@ -158,10 +158,22 @@ def plot(result: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def host_line(host: dict[str, Any]) -> str:
+    """"host: AMD EPYC, 2 cores, native bf16, served in bfloat16; commit 5e6237a (modified)"."""
+    where = "a GPU" if host.get("gpu") else f"{host.get('cpu') or 'unknown CPU'}, {host.get('cores')} cores, " + (
+        "native bf16" if host.get("native_bf16") else "no native bf16")
+    commit = host.get("commit") or "unknown commit"
+    return (f"host: {where}, served in {host.get('serving_dtype')}; commit {commit}"
+            + (" (with uncommitted changes)" if host.get("modified") else ""))
+
+
 def write_report(result: dict[str, Any], out: Path) -> str:
     v = verdicts(result)
     result["verdicts"] = v
-    lines = [f"# hone bench loop, {result.get('started')}", "", table(result), ""]
+    lines = [f"# hone bench loop, {result.get('started')}", ""]
+    if host := result.get("host"):
+        lines += [host_line(host), ""]
+    lines += [table(result), ""]
     if v:
         lines.append(f"held-out: base {_pct(v['base_heldout'])}, target {_pct(v['target'])}, best promoted "
                      f"{_pct(v['best_promoted_heldout'])} after {v['promoted']} promotion(s): "

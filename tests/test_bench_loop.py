@@ -111,6 +111,29 @@ def test_table_and_report_files(tmp_path: Path) -> None:
     r["config"] = {"learner_settings": {"pairs_per_task": "1", "dpo_lr": "0.0001", "lora_rank": "16"}}
     line = next(x for x in write_report(r, tmp_path).splitlines() if x.startswith("learner:"))
     assert line.startswith("learner: pairs_per_task 1, dpo_lr 0.0001 (") and "lora_rank" not in line
+    assert "host:" not in text  # results from before the host was recorded
+    r["host"] = {"cpu": "AMD EPYC", "cores": 2, "native_bf16": True, "gpu": False, "serving_dtype": "bfloat16",
+                 "commit": "5e6237a", "modified": True}
+    lines = write_report(r, tmp_path).splitlines()
+    assert lines[2] == ("host: AMD EPYC, 2 cores, native bf16, served in bfloat16; commit 5e6237a "
+                        "(with uncommitted changes)")
+
+
+def test_the_host_record_names_this_machine_and_commit(tmp_path: Path) -> None:
+    import subprocess
+
+    from runtime.hardware import cpu_has_native_bf16
+
+    host = experiment.host_record("auto")
+    assert host["serving_dtype"] == ("bfloat16" if cpu_has_native_bf16() or host["gpu"] else "float32")
+    assert experiment.host_record("float16")["serving_dtype"] == "float16"  # a set dtype is what is served
+    assert host["cores"] >= 1 and host["native_bf16"] == cpu_has_native_bf16()
+    head = subprocess.run(["git", "-C", str(experiment.REPO), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout; an installed copy has no commit to name
+        assert host["commit"] == head.stdout.strip() and isinstance(host["modified"], bool)
+    outside = experiment.host_record("auto", repo=tmp_path)  # not a git checkout
+    assert outside["commit"] is None and outside["modified"] is None
 
 
 def test_the_loop_measures_hones_own_learner_defaults(tmp_path: Path) -> None:
