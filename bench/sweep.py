@@ -26,6 +26,7 @@ success), `solved` only those it got right (exploration found the failure): whic
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -51,14 +52,17 @@ def parse_variant(text: str) -> tuple[str, dict[str, str]]:
 
 
 def cycle_pairs_time(registry: Registry, cycle_id: int) -> float:
-    """When cycle N built its pairs: its start plus the phases before (label, collect, explore)."""
+    """When cycle N built its pairs: its start plus every phase recorded before `pairs`, in the order
+    the cycle ran them (label, collect, explore and, with operator trials, trials: a fixed list of
+    three left the trials' runs out of rebuilt pairs)."""
     row = registry.get_cycle(cycle_id)
     if row is None:
         raise LookupError(f"no cycle {cycle_id} in {registry.path}")
     timings = row.get("timings") or {}
     if "pairs" not in timings:
         raise LookupError(f"cycle {cycle_id} never built pairs (phases: {', '.join(timings) or 'none'})")
-    return row["started_at"] + sum(timings.get(p, 0.0) for p in ("label", "collect", "explore")) + 0.5
+    before = list(itertools.takewhile(lambda phase: phase != "pairs", timings))
+    return row["started_at"] + sum(timings[p] for p in before) + 0.5
 
 
 def served_outcome(rows: list[dict]) -> str | None:

@@ -29,6 +29,14 @@ def test_a_cycle_built_its_pairs_after_labelling_collecting_and_exploring(regist
     assert sweep.cycle_pairs_time(registry, cid) == pytest.approx(started + 33.0 + 0.5)
 
 
+def test_operator_trials_run_before_the_pairs_too(registry: Registry) -> None:
+    cid = registry.start_cycle("manual")
+    registry.finish_cycle(cid, "promoted", timings={"label": 1.0, "collect": 2.0, "explore": 30.0, "trials": 40.0,
+                                                    "pairs": 4.0, "retain": 0.1, "train": 100.0})
+    started = registry.get_cycle(cid)["started_at"]
+    assert sweep.cycle_pairs_time(registry, cid) == pytest.approx(started + 73.0 + 0.5)
+
+
 def test_a_cycle_that_never_built_pairs_or_does_not_exist_is_an_error(registry: Registry) -> None:
     cid = registry.start_cycle("manual")
     registry.finish_cycle(cid, "skipped", timings={"label": 1.0, "collect": 2.0})
