@@ -185,9 +185,8 @@ LEARNER_SETTING_PREFIXES = ("learner_", "val_", "pairs_", "max_pairs", "min_pair
 NOT_INHERITED = ("HONE_HOME", "HONE_PORT", "HONE_HOST", "HONE_ADMIN_TOKEN", "HONE_API_TOKENS")
 
 
-def learner_settings(env: dict[str, str], home: Path) -> dict[str, str]:
-    """The learner settings the experiment's server will run with, defaults included: the defaults
-    change between versions, so a result records what it measured, not only what it overrode."""
+def server_settings(env: dict[str, str], home: Path) -> Settings:
+    """The settings the experiment's server will run with; a bad one is an ExperimentError."""
     try:
         s = Settings.load({**env, "HONE_HOME": str(home)})
     except ConfigError as e:
@@ -195,6 +194,13 @@ def learner_settings(env: dict[str, str], home: Path) -> dict[str, str]:
     if s.auth_enabled:
         raise ExperimentError("the experiment's server takes no tokens (it listens on loopback only): "
                               "remove admin_token / api_tokens from --set or HONE_CONFIG")
+    return s
+
+
+def learner_settings(env: dict[str, str], home: Path, settings: Settings | None = None) -> dict[str, str]:
+    """The learner settings the experiment's server will run with, defaults included: the defaults
+    change between versions, so a result records what it measured, not only what it overrode."""
+    s = settings or server_settings(env, home)
     return {f.name: str(getattr(s, f.name)) for f in fields(s) if f.name.startswith(LEARNER_SETTING_PREFIXES)}
 
 
@@ -234,16 +240,16 @@ def run_experiment(cfg: LoopConfig, say: Callable[[str], None] = print) -> dict[
         **{k: v for k, v in os.environ.items() if k.startswith("HONE_") and k not in NOT_INHERITED},
         **cfg.server_env,
     }
-    learner = learner_settings(env, home)  # before anything starts: a bad --set fails here, not in the server
+    settings = server_settings(env, home)  # before anything starts: a bad --set fails here, not in the server
+    learner = learner_settings(env, home, settings)
     home.mkdir(parents=True, exist_ok=True)
     gate_file.write_text("".join(json.dumps({"id": t.id, "question": t.messages[0]["content"], "answer": t.expected,
                                              "check": t.check}) + "\n" for t in gate))
     if cfg.guards:
         guard_file.write_text("".join(Path(p).read_text(encoding="utf-8").rstrip("\n") + "\n" for p in cfg.guards))
-    served_dtype = Settings.load({**env, "HONE_HOME": str(home)}).vllm_dtype
     result: dict[str, Any] = {"config": {**config_record(cfg), "server_env": env,
                                          "learner_settings": learner},
-                              "host": host_record(served_dtype),
+                              "host": host_record(settings.vllm_dtype),
                               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "home": str(home), "rows": []}
     t_start = time.monotonic()
     with serve(home, env, cfg.start_timeout_s, say) as url:

@@ -159,7 +159,7 @@ def plot(result: dict[str, Any], path: Path) -> bool:
 
 
 def host_line(host: dict[str, Any]) -> str:
-    """"host: AMD EPYC, 2 cores, native bf16, served in bfloat16; commit 5e6237a (modified)"."""
+    """"host: AMD EPYC, 2 cores, native bf16, served in bfloat16; commit 5e6237a"; a GPU host names no CPU."""
     where = "a GPU" if host.get("gpu") else f"{host.get('cpu') or 'unknown CPU'}, {host.get('cores')} cores, " + (
         "native bf16" if host.get("native_bf16") else "no native bf16")
     commit = host.get("commit") or "unknown commit"

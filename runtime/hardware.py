@@ -8,21 +8,22 @@ from pathlib import Path
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    return set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
-
-
-def cpu_model() -> str | None:
-    """The CPU's name as /proc/cpuinfo gives it ("AMD EPYC"), or None where there is none."""
+def _cpuinfo(field: str) -> str | None:
+    """The first CPU's `field` line in /proc/cpuinfo, or None where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+    return next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith(field)), None)
+
+
+def cpu_flags() -> set[str]:
+    return set((_cpuinfo("flags") or "").split())
+
+
+def cpu_model() -> str | None:
+    """The CPU's name ("AMD EPYC"), or None where /proc/cpuinfo gives none."""
+    return _cpuinfo("model name")
 
 
 def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
